@@ -86,6 +86,11 @@ def http_server(tmp_path):
 #                                    dit.py                                     #
 #################################################################################
 
+def tiny_dit(**kwargs):
+    return DiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
 def golden_dit():
     g = GOLDEN["dit"]
     model = DiT_models[g["model"]](input_size=g["input_size"], num_classes=g["num_classes"]).eval()
@@ -167,7 +172,7 @@ def test_adaln_zero_blocks_are_identity_at_init():
 @pytest.mark.parametrize("block", dit.BLOCKS)
 def test_every_block_design_trains(block):
     torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10, block=block)
+    model = tiny_dit(block=block)
     x, t, y = torch.randn(4, 4, 8, 8), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
     model.eval()
     before = model(x, t, y).detach()
@@ -185,7 +190,7 @@ def test_every_block_design_trains(block):
 
 def test_grad_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10, class_dropout_prob=0)
+    model = tiny_dit(class_dropout_prob=0)
     for p in model.parameters():  # leave the zero init so that gradients flow everywhere
         if p.requires_grad:
             p.data.normal_(0, 0.05)
@@ -201,14 +206,14 @@ def test_grad_checkpointing_gives_same_gradients():
 
 def test_find_model_loads_raw_and_training_checkpoints(tmp_path):
     torch.manual_seed(0)
-    model = DiT_models["DiT-S/8"](input_size=16, num_classes=10)
+    model = tiny_dit()
     fill_(model.state_dict(), 1)
     raw = tmp_path / "raw.pt"
     torch.save(model.state_dict(), raw)
     ema = {k: v + 1 for k, v in model.state_dict().items()}
     train_ckpt = tmp_path / "0000100.pt"  # the official train.py layout, args as a Namespace
     torch.save({"model": model.state_dict(), "ema": ema, "opt": {}, "args": argparse.Namespace(model="DiT-S/8")}, train_ckpt)
-    other = DiT_models["DiT-S/8"](input_size=16, num_classes=10)
+    other = tiny_dit()
     other.load_state_dict(find_model(str(raw)))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     other.load_state_dict(find_model(str(train_ckpt)))
@@ -229,7 +234,7 @@ def test_mismatched_checkpoint_error_names_both_models():
 
 def test_find_model_downloads_official_names_once(http_server, tmp_path, monkeypatch):
     root, url, log = http_server
-    model = DiT_models["DiT-S/8"](input_size=8, num_classes=10)
+    model = tiny_dit()
     (root / "DiT").mkdir()
     torch.save(model.state_dict(), root / "DiT" / "DiT-XL-2-256x256.pt")
     monkeypatch.setenv("DIT_WEIGHTS_URL", url + "/DiT")
