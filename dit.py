@@ -4,6 +4,7 @@ One file, PyTorch only. Parameter names, initialization and numerics follow the 
 release, so official checkpoints load strictly and give the official outputs.
 """
 import argparse
+import functools
 import math
 import os
 import sys
@@ -311,12 +312,7 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
 #                                   DiT Configs                                 #
 #################################################################################
 
-def _config(depth, hidden_size, patch_size, num_heads):
-    def make(**kwargs):
-        return DiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
-    return make
-
-DiT_models = {f"DiT-{n}/{p}": _config(depth, hidden, p, heads)
+DiT_models = {f"DiT-{n}/{p}": functools.partial(DiT, depth=depth, hidden_size=hidden, patch_size=p, num_heads=heads)
               for n, depth, hidden, heads in [("XL", 28, 1152, 16), ("L", 24, 1024, 16),
                                               ("B", 12, 768, 12), ("S", 12, 384, 6)]
               for p in (2, 4, 8)}
@@ -387,19 +383,17 @@ if __name__ == "__main__":
         with torch.device("meta"):
             m = make(input_size=latent)
         print(f"{name:10s} {sum(p.numel() for p in m.parameters()) / 1e6:11.2f} {m.gflops():8.2f}")
-    if args.bench:
+    if args.bench:  # forward + backward of one training batch; the first step warms up
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = DiT_models[args.bench](input_size=latent).to(device)
-        x = torch.randn(args.batch_size, 4, latent, latent, device=device)
-        t = torch.randint(0, 1000, (args.batch_size,), device=device)
-        y = torch.randint(0, 1000, (args.batch_size,), device=device)
+        n = args.batch_size
+        x, t, y = torch.randn(n, 4, latent, latent), torch.randint(0, 1000, (n,)), torch.randint(0, 1000, (n,))
         for i in range(args.steps + 1):
-            if i == 1:  # the first step warms up
-                t0 = time.time()
+            t0 = time.time() if i <= 1 else t0
             with torch.autocast(device, torch.bfloat16, enabled=args.bf16):
-                model(x, t, y).float().square().mean().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
+                model(x.to(device), t.to(device), y.to(device)).float().square().mean().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
         dt = (time.time() - t0) / args.steps
-        print(f"{args.bench} forward+backward, batch {args.batch_size}: {dt * 1e3:.1f} ms/step, "
-              f"{args.batch_size / dt:.1f} img/s, {3 * 2 * model.gflops() * args.batch_size / dt / 1e3:.3f} TFLOP/s")
+        print(f"{args.bench} forward+backward, batch {n}: {dt * 1e3:.1f} ms/step, {n / dt:.1f} img/s, "
+              f"{3 * 2 * model.gflops() * n / dt / 1e3:.3f} TFLOP/s")
