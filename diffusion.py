@@ -94,10 +94,12 @@ class GaussianDiffusion:
             kept = alphas_cumprod[timestep_map]
             betas = 1 - kept / torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
         self.timestep_map = list(timestep_map) if timestep_map is not None else list(range(len(betas)))
+        self.timestep_map_tensor = torch.tensor(self.timestep_map)
+        self._device_copies = {}
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
         self.num_timesteps = len(betas)
         # All schedules in float64, as the original; _extract casts the picked values to float32.
-        self.betas = betas
+        self.betas, self.log_betas = betas, torch.log(betas)
         self.alphas_cumprod = acp = torch.cumprod(1.0 - betas, dim=0)
         self.alphas_cumprod_prev = acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
         self.sqrt_alphas_cumprod = acp.sqrt()
@@ -110,16 +112,23 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * acp_prev.sqrt() / (1.0 - acp)
         self.posterior_mean_coef2 = (1.0 - acp_prev) * (1.0 - betas).sqrt() / (1.0 - acp)
         self.fixed_large_variance = torch.cat([pv[1:2], betas[1:]])
+        self.fixed_large_log_variance = torch.log(self.fixed_large_variance)
 
-    @staticmethod
-    def _extract(arr, t, x):
+    def _on(self, arr, device):
+        """arr on device, copied once: a host-to-device copy per call would stall the GPU at every step."""
+        key = (id(arr), str(device))
+        if key not in self._device_copies:
+            self._device_copies[key] = arr.to(device)
+        return self._device_copies[key]
+
+    def _extract(self, arr, t, x):
         """arr[t] as float32, shaped to broadcast against x: (N, 1, 1, 1)."""
-        return arr.to(t.device)[t].float().view(-1, *([1] * (x.ndim - 1)))
+        return self._on(arr, t.device)[t].float().view(-1, *([1] * (x.ndim - 1)))
 
     def _wrap_model(self, model):
         """Call the model with the original timesteps, which is what it was trained on."""
         def wrapped(x, t, **kwargs):
-            return model(x, torch.tensor(self.timestep_map, device=t.device, dtype=t.dtype)[t], **kwargs)
+            return model(x, self._on(self.timestep_map_tensor, t.device)[t].to(t.dtype), **kwargs)
         return wrapped
 
     def q_sample(self, x_start, t, noise=None):
@@ -146,13 +155,14 @@ class GaussianDiffusion:
         if self.var_type == "learned_range":  # the model interpolates the log-variance between beta~_t and beta_t
             out, var_values = torch.split(out, C, dim=1)
             min_log = self._extract(self.posterior_log_variance_clipped, t, x)
-            max_log = self._extract(torch.log(self.betas), t, x)
+            max_log = self._extract(self.log_betas, t, x)
             frac = (var_values + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
             variance = torch.exp(log_variance)
         else:
-            var = self.fixed_large_variance if self.var_type == "fixed_large" else self.posterior_variance
-            log_var = torch.log(var) if self.var_type == "fixed_large" else self.posterior_log_variance_clipped
+            large = self.var_type == "fixed_large"
+            var = self.fixed_large_variance if large else self.posterior_variance
+            log_var = self.fixed_large_log_variance if large else self.posterior_log_variance_clipped
             variance, log_variance = self._extract(var, t, x).expand_as(x), self._extract(log_var, t, x).expand_as(x)
             if out.shape[1] == 2 * C:  # a learned-sigma model sampled with a fixed variance
                 out = out[:, :C]
@@ -225,7 +235,7 @@ class GaussianDiffusion:
         x = noise if noise is not None else torch.randn(*shape, device=device)
         t0 = time.time()
         for n, i in enumerate(reversed(range(self.num_timesteps))):
-            t = torch.tensor([i] * shape[0], device=device)
+            t = torch.full((shape[0],), i, device=device)
             with torch.no_grad():
                 x = step(model, x, t, **kwargs)["sample"]
             if progress:
