@@ -64,9 +64,10 @@ def check_args(args):
     """Rejects bad input with a message naming the problem and the fix, before anything is loaded."""
     if args.model not in DiT_models:
         fail(f"unknown --model {args.model!r}; choose one of {', '.join(DiT_models)}")
-    if args.image_size <= 0 or args.image_size % 8:
+    if args.image_size <= 0 or (args.image_size % 8 and args.vae != "none"):
         fail(f"--image-size {args.image_size} is not a multiple of 8 (the VAE downsamples by 8); use e.g. 256 or 512")
-    if args.ckpt is None and (args.model != "DiT-XL/2" or args.image_size not in (256, 512) or args.num_classes != 1000):
+    official = args.model == "DiT-XL/2" and args.image_size in (256, 512) and args.num_classes == 1000
+    if args.ckpt is None and not official:
         fail("only DiT-XL/2 with --image-size 256 or 512 and --num-classes 1000 can be downloaded; "
              "for other models pass --ckpt PATH")
     if args.ckpt is None and args.vae == "none":
@@ -77,7 +78,8 @@ def check_args(args):
         fail("--labels is for a grid; --num-fid-samples draws uniformly random labels (as the official sample_ddp.py)")
     bad = [l for l in (args.labels or CLASS_LABELS) if not 0 <= l < args.num_classes]
     if bad and not args.num_fid_samples:
-        fail(f"labels {bad} are out of range for --num-classes {args.num_classes}; pass --labels in 0..{args.num_classes - 1}")
+        fail(f"labels {bad} are out of range for --num-classes {args.num_classes}; "
+             f"pass --labels between 0 and {args.num_classes - 1}")
     if args.num_sampling_steps < 1 or args.per_proc_batch_size < 1 or (args.num_fid_samples or 1) < 1:
         fail("--num-sampling-steps, --per-proc-batch-size and --num-fid-samples must be positive")
 
@@ -197,7 +199,10 @@ def rng_state(device):
 
 def set_rng_state(state, device):
     """Restores rng_state(device)."""
-    torch.cuda.set_rng_state(state, device) if device.type == "cuda" else torch.set_rng_state(state)
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def sample_fid(args, model, vae, diffusion, device, rank, world):
@@ -218,7 +223,8 @@ def sample_fid(args, model, vae, diffusion, device, rank, world):
     with open(config_path) as f:
         old = json.load(f)
     if old != config:
-        diff = ", ".join(f"{k}: {old.get(k)} -> {config.get(k)}" for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k))
+        diff = ", ".join(f"{k}: {old.get(k)} -> {config.get(k)}"
+                         for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k))
         fail(f"{parts} holds batches sampled with other options ({diff}); delete it or pass another --out")
 
     shard = lambda r, b: os.path.join(parts, f"rank{r:03d}-batch{b:06d}.npz")
@@ -232,9 +238,9 @@ def sample_fid(args, model, vae, diffusion, device, rank, world):
         print(f"sampling {args.num_fid_samples} images: {world} process(es) x {iters} batches of {n}, "
               f"{start} batches already done, into {parts}", file=sys.stderr)
     guided = args.cfg_scale > 1.0  # as the official sample_ddp.py: cfg 1.0 samples without the null batch
-    t0 = time.time()
+    latent, t0 = model.config["input_size"], time.time()
     for b in range(start, iters):
-        z = torch.randn(n, model.in_channels, model.config["input_size"], model.config["input_size"], device=device)
+        z = torch.randn(n, model.in_channels, latent, latent, device=device)
         y = torch.randint(0, args.num_classes, (n,), device=device)
         images = to_uint8(decode(vae, sample(model, diffusion, z, y, args, guided), args))
         state = rng_state(device).cpu().numpy()
@@ -248,12 +254,16 @@ def sample_fid(args, model, vae, diffusion, device, rank, world):
         def chunks():
             left = args.num_fid_samples
             for b in range(iters):
-                batch = [np.load(shard(r, b))["images"] for r in range(world)]
+                batch = []
+                for r in range(world):
+                    with np.load(shard(r, b)) as f:
+                        batch.append(f["images"])
                 batch = np.stack(batch, 1).reshape(-1, *batch[0].shape[1:])  # (n * world, H, W, 3)
                 yield batch[:left]
                 left -= len(batch[:left])
-        write_npz(args.out, chunks(), (args.num_fid_samples, args.image_size, args.image_size, 3))
-        print(f"saved {args.out} [{args.num_fid_samples} x {args.image_size}x{args.image_size}x3 uint8]", file=sys.stderr)
+        shape = (args.num_fid_samples, args.image_size, args.image_size, 3)
+        write_npz(args.out, chunks(), shape)
+        print(f"saved {args.out} (arr_0: {shape} uint8)", file=sys.stderr)
 
 #################################################################################
 #                                     Main                                      #
@@ -275,12 +285,16 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
 
     with torch.no_grad():
+        if rank > 0:
+            dist.barrier()  # rank 0 downloads the weights first; the other ranks then find them in the cache
         # The VAE is loaded before seeding: like diffusers' from_pretrained, loading it draws no random numbers.
         vae = None if args.vae == "none" else load_vae(args.vae, device=device)
         if vae is not None and args.image_size % vae.downsample_factor:
             fail(f"--image-size {args.image_size} is not divisible by the VAE's downsampling {vae.downsample_factor}")
         torch.manual_seed(args.seed)
         model = load_model(args, vae).to(device)
+        if rank == 0 and world > 1:
+            dist.barrier()
         steps = args.num_sampling_steps
         diffusion = create_diffusion(f"ddim{steps}" if args.sampler == "ddim" else str(steps))
         if args.num_fid_samples:
@@ -290,12 +304,14 @@ def main(argv=None):
                 dist.destroy_process_group()
             return
         labels = args.labels or CLASS_LABELS
-        z = torch.randn(len(labels), model.in_channels, model.config["input_size"], model.config["input_size"], device=device)
+        latent = model.config["input_size"]
+        z = torch.randn(len(labels), model.in_channels, latent, latent, device=device)
         y = torch.tensor(labels, device=device)
         x = decode(vae, sample(model, diffusion, z, y, args, guided=True, progress=True), args)
     grid = make_grid(x)
     ext = os.path.splitext(args.out)[1]
-    atomic_write(args.out, lambda f: Image.fromarray(grid).save(f, format=Image.registered_extensions().get(ext, "PNG")))
+    fmt = Image.registered_extensions().get(ext, "PNG")
+    atomic_write(args.out, lambda f: Image.fromarray(grid).save(f, format=fmt))
     print(f"saved {args.out} ({len(labels)} images, classes {labels})", file=sys.stderr)
 
 
