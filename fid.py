@@ -1,0 +1,451 @@
+"""
+FID, sFID, Inception Score, precision and recall as the ADM evaluator defines them
+(openai/guided-diffusion evaluations/evaluator.py, the suite behind the DiT paper's numbers),
+with PyTorch instead of TensorFlow. The network is the 2015-12-05 TF Inception v3 as ported by
+pytorch-fid / torch-fidelity (pt_inception-2015-12-05-6726825d.pth, loaded strictly).
+
+    python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz     # prints IS, FID, sFID, P, R
+    python fid.py ref_images/ --save-stats ref_stats.npz            # reference statistics only
+"""
+import argparse
+import hashlib
+import os
+import sys
+import time
+import urllib.request
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import linalg
+
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")
+WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+#################################################################################
+#                    Inception v3, FID variant (TF graph 2015-12-05)             #
+#################################################################################
+
+class BasicConv2d(nn.Module):
+    def __init__(self, cin, cout, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu_(self.bn(self.conv(x)))
+
+def avg_pool(x):
+    # the TF graph averages over valid pixels only at the borders (count_include_pad=False)
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+class InceptionA(nn.Module):  # Mixed_5b..5d, 35x35
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x),
+                          self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(avg_pool(x))], 1)
+
+class InceptionB(nn.Module):  # Mixed_6a, 35x35 -> 17x17
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+class InceptionC(nn.Module):  # Mixed_6b..6e, 17x17, factorized 7x7 convolutions
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def branches(self, x):
+        """The four branch outputs; Mixed_6d's branch1x1 is also the sFID feature map."""
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = self.branch7x7dbl_1(x)
+        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(bd))))
+        return [self.branch1x1(x), b7, bd, self.branch_pool(avg_pool(x))]
+
+    def forward(self, x):
+        return torch.cat(self.branches(x), 1)
+
+class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+class InceptionE(nn.Module):  # Mixed_7b (average pool branch), Mixed_7c (max pool branch), 8x8
+    def __init__(self, cin, max_pool):
+        super().__init__()
+        self.max_pool = max_pool  # the TF graph's last block pools with max, not average
+        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool(x)
+        return torch.cat([self.branch1x1(x),
+                          self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd),
+                          self.branch_pool(pool)], 1)
+
+def tf1_resize(x, size=299):
+    """Bilinear resize of (N, C, H, W) floats as TF-1's legacy ResizeBilinear (no half-pixel offset)."""
+    H, W = x.shape[-2:]
+    if (H, W) == (size, size):
+        return x
+    def taps(n):  # source i * n / size, its floor, the next pixel (clamped) and the weight, in float32
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * (n / size)
+        lo = src.floor()
+        return lo.long(), (lo.long() + 1).clamp(max=n - 1), src - lo
+    y0, y1, wy = taps(H)
+    x0, x1, wx = taps(W)
+    top, bottom = x[:, :, y0], x[:, :, y1]                       # (N, C, size, W)
+    top = top[..., x0] + (top[..., x1] - top[..., x0]) * wx       # TF's order of operations
+    bottom = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * wx
+    return top + (bottom - top) * wy[:, None]                     # (N, C, size, size)
+
+class InceptionV3(nn.Module):
+    """uint8 images (N, 3, H, W) -> pool3 (N, 2048), sFID spatial (N, 2023), unbiased logits (N, 1008)."""
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, max_pool=False)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)  # 1008 classes; its bias is in the file but unused here
+
+    def forward(self, images):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"InceptionV3 takes uint8 images (N, 3, H, W) in [0, 255], got {images.dtype} "
+                             f"{tuple(images.shape)}; convert with (x * 255).round().clamp(0, 255).byte()")
+        x = tf1_resize(images.float())
+        x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)  # (N, 3, 299, 299)
+        x = self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))
+        x = F.max_pool2d(self.Conv2d_2b_3x3(x), 3, stride=2)                # (N, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+        x = F.max_pool2d(x, 3, stride=2)                                     # (N, 192, 35, 35)
+        x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))    # (N, 768, 17, 17)
+        x = self.Mixed_6c(self.Mixed_6b(x))
+        b = self.Mixed_6d.branches(x)
+        spatial = b[0][:, :7].permute(0, 2, 3, 1).flatten(1)                 # (N, 17 * 17 * 7) in NHWC order
+        x = self.Mixed_6e(torch.cat(b, 1))
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                   # (N, 2048, 8, 8)
+        pool3 = x.mean((2, 3))                                               # (N, 2048)
+        logits = pool3 @ self.fc.weight.T                                    # (N, 1008), no bias, as ADM's IS
+        return pool3, spatial.contiguous(), logits
+
+#################################################################################
+#                                  Weights                                      #
+#################################################################################
+
+def download(url, sha256, dest):
+    """Download url to dest (atomically) unless dest exists; fail clearly if its sha256 differs."""
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    tmp, h = f"{dest}.{os.getpid()}.tmp", hashlib.sha256()
+    print(f"downloading {url} -> {dest}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                h.update(chunk)
+                f.write(chunk)
+        if h.hexdigest() != sha256:
+            raise RuntimeError(f"sha256 of {url} is {h.hexdigest()}, expected {sha256}: the download is "
+                               f"corrupt or not the right file; retry, or pass a verified file by path")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+@torch.no_grad()
+def fold_batchnorm_(model):
+    """Fold every BatchNorm into its convolution: same function for inference, one pass less per layer."""
+    for m in model.modules():
+        if isinstance(m, BasicConv2d) and isinstance(m.bn, nn.BatchNorm2d):
+            scale = m.bn.weight * (m.bn.running_var + m.bn.eps).rsqrt()            # (cout,)
+            m.conv.weight.mul_(scale[:, None, None, None])
+            m.conv.bias = nn.Parameter(m.bn.bias - m.bn.running_mean * scale)
+            m.bn = nn.Identity()
+    return model
+
+def load_inception(path=None, device="cpu"):
+    """The FID Inception in eval mode, from path or the cached download ($DIT_CACHE, ~/.cache/dit)."""
+    if path is None:
+        cache = os.environ.get("DIT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dit"))
+        url = os.environ.get("DIT_INCEPTION_URL", WEIGHTS_URL)  # e.g. a mirror or a file:// path
+        path = download(url, WEIGHTS_SHA256, os.path.join(cache, os.path.basename(WEIGHTS_URL)))
+    model = InceptionV3()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # strict: all 566 keys
+    fold_batchnorm_(model)
+    # channels-last lets oneDNN / cuDNN run the convolutions without layout conversions
+    return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+
+#################################################################################
+#                                  Image sources                                #
+#################################################################################
+
+def _as_nchw(x, what):
+    """Check a uint8 batch-of-images tensor (N, 3, H, W); grayscale (N, 1, H, W) is repeated to RGB."""
+    if x.dtype != torch.uint8:
+        raise ValueError(f"{what}: images must be uint8 in [0, 255], got {x.dtype}; "
+                         f"convert with (x * 255).round().clip(0, 255).astype(uint8)")
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"{what}: expected images (N, 3, H, W) for tensors or (N, H, W, 3) for "
+                         f"numpy arrays and .npz files, got shape {tuple(x.shape)}")
+    return x.expand(-1, 3, -1, -1)
+
+def _npy_header(f):
+    """(shape, fortran_order, dtype) of an .npy stream, leaving it at the start of the data."""
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"unsupported .npy format version {version} for arr_0")
+    return (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+
+def _npz_batches(path, batch_size):
+    """(count, batches) of arr_0 (N, H, W, 3) uint8 in an ADM .npz, read in chunks: never all at once."""
+    with zipfile.ZipFile(path) as z:
+        if "arr_0.npy" not in z.namelist():
+            raise ValueError(f"{path} has no images (arr_0), only {[n[:-4] for n in z.namelist()]}; ADM "
+                             f".npz files hold uint8 images (N, H, W, 3) as arr_0: np.savez(path, images)")
+        with z.open("arr_0.npy") as f:
+            shape, fortran, dtype = _npy_header(f)
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran:
+        raise ValueError(f"{path}: arr_0 must be C-ordered uint8 images (N, H, W, 3), got {dtype} {shape}")
+    def batches():
+        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+            _npy_header(f)
+            for i in range(0, shape[0], batch_size):
+                n = min(batch_size, shape[0] - i)
+                x = np.frombuffer(f.read(n * int(np.prod(shape[1:]))), np.uint8).reshape(n, *shape[1:])
+                yield _as_nchw(torch.from_numpy(x.copy()).permute(0, 3, 1, 2), path)  # channels-last view
+    return shape[0], batches()
+
+def _folder_batches(path, batch_size):
+    """(count, batches) of the PNG/JPEG images in a folder, sorted by name, grayscale/RGBA made RGB."""
+    from PIL import Image
+    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise ValueError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) in this folder")
+    def load(name):
+        try:
+            with Image.open(os.path.join(path, name)) as im:
+                return np.asarray(im.convert("RGB"))
+        except OSError as e:
+            raise ValueError(f"{os.path.join(path, name)} is not a readable image: {e}") from None
+    def batches():
+        size = None
+        for i in range(0, len(files), batch_size):
+            ims = [load(f) for f in files[i:i + batch_size]]
+            for f, im in zip(files[i:i + batch_size], ims):
+                size = size or im.shape
+                if im.shape != size:
+                    raise ValueError(f"{os.path.join(path, f)} is {im.shape[1]}x{im.shape[0]}, the first image "
+                                     f"is {size[1]}x{size[0]}: all images must have the same size")
+            yield torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2)
+    return len(files), batches()
+
+def image_batches(images, batch_size=50):
+    """(count, iterator of uint8 (B, 3, H, W)) for a .npz path, a folder, a numpy (N, H, W, 3) array
+    or a torch (N, 3, H, W) tensor."""
+    if isinstance(images, (str, os.PathLike)):
+        images = os.fspath(images)
+        if os.path.isdir(images):
+            return _folder_batches(images, batch_size)
+        if images.endswith(".npz") and os.path.isfile(images):
+            return _npz_batches(images, batch_size)
+        raise ValueError(f"{images}: expected an existing .npz file (arr_0: uint8 (N, H, W, 3)) or a folder of images")
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images).permute(0, 3, 1, 2) if images.ndim == 4 else torch.from_numpy(images)
+    x = _as_nchw(images, "images")
+    return len(x), (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+
+@torch.inference_mode()
+def compute_features(images, model, batch_size=50):
+    """Inception features of all images: pool3 (N, 2048), spatial (N, 2023), logits (N, 1008), numpy float32."""
+    n, batches = image_batches(images, batch_size)
+    device = next(model.parameters()).device
+    out = [np.empty((n, d), np.float32) for d in (2048, 2023, 1008)]
+    i, t0, shown = 0, time.time(), time.time()
+    for x in batches:
+        for o, f in zip(out, model(x.to(device))):
+            o[i:i + len(x)] = f.float().cpu().numpy()
+        i += len(x)
+        if time.time() - shown > 10 or i == n:
+            rate = i / (time.time() - t0)
+            print(f"inception features {i}/{n} images, {rate:.1f} img/s, ETA {(n - i) / rate:.0f}s", file=sys.stderr)
+            shown = time.time()
+    return tuple(out)
+
+#################################################################################
+#                        Metrics (ADM evaluator definitions)                    #
+#################################################################################
+
+def statistics(features):
+    """Mean and covariance of features (N, D) as the evaluator computes them (float64 covariance)."""
+    return features.mean(0, dtype=np.float64), np.cov(features, rowvar=False)
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2); eps on the diagonals if the product is singular."""
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different features: {mu1.shape} vs {mu2.shape}, {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        print(f"fid: singular product, adding {eps} to the covariance diagonals", file=sys.stderr)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):  # numerical error can leave a small imaginary part
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm has imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+def inception_score(logits, split_size=5000):
+    """Mean over ordered splits of exp(E_x KL(p(y|x) || p(y))), with p = softmax of the 1008 logits."""
+    scores = []
+    for i in range(0, len(logits), split_size):
+        p = torch.from_numpy(np.asarray(logits[i:i + split_size])).double().softmax(1)  # (n, 1008)
+        p_y = p.mean(0)                                                                 # marginal p(y)
+        # E_x KL(p(y|x) || p(y)) = E_x sum p log p - sum p(y) log p(y); xlogy makes 0 log 0 = 0
+        kl = torch.special.xlogy(p, p).sum(1).mean() - torch.special.xlogy(p_y, p_y).sum()
+        scores.append(kl.exp().item())
+    return float(np.mean(scores))
+
+def _sq_distances(u, v):
+    """Pairwise squared distances (n, m); in float16 precision as the evaluator, float32 if that overflows."""
+    def d(a, b):
+        return (a.square().sum(1)[:, None] - 2 * a @ b.T + b.square().sum(1)[None]).clamp_min(0)
+    d16 = d(u.half().float(), v.half().float()).half()
+    return d16.float() if torch.isfinite(d16).all() else d(u, v)
+
+def _radii(x, k, rows):
+    """Squared distance of each point to its k-th nearest neighbour (itself excluded)."""
+    return torch.cat([_sq_distances(x[i:i + rows], x).kthvalue(k + 1, 1).values for i in range(0, len(x), rows)])
+
+@torch.inference_mode()
+def precision_recall(ref, sample, k=3, rows=1000, device="cpu"):
+    """Improved precision (samples inside the reference manifold) and recall (reference inside the samples')."""
+    if min(len(ref), len(sample)) <= k:
+        raise ValueError(f"precision/recall need at least {k + 1} images per set, got {len(ref)} and {len(sample)}")
+    ref, sample = (torch.from_numpy(np.asarray(a, np.float32)).to(device) for a in (ref, sample))
+    r_ref, r_sample = _radii(ref, k, rows), _radii(sample, k, rows)
+    in_ref = torch.zeros(len(sample), dtype=torch.bool, device=device)
+    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
+    for i in range(0, len(ref), rows):
+        d = _sq_distances(ref[i:i + rows], sample)                   # (rows, N_sample)
+        ref_in[i:i + rows] = (d <= r_sample[None]).any(1)
+        in_ref |= (d <= r_ref[i:i + rows, None]).any(0)
+    return in_ref.double().mean().item(), ref_in.double().mean().item()
+
+#################################################################################
+#                                    CLI                                        #
+#################################################################################
+
+def reference(path, model, batch_size):
+    """((mu, sigma), (mu_s, sigma_s), pool3 or None): statistics stored in an ADM reference .npz are
+    used as the evaluator uses them; pool3 features (for precision/recall) need its images."""
+    stored = None
+    if str(path).endswith(".npz") and os.path.isfile(path):
+        with np.load(path) as z:
+            if "mu" in z.files:
+                stored = (z["mu"], z["sigma"]), (z["mu_s"], z["sigma_s"])
+            if "arr_0" not in z.files:
+                if stored is None:
+                    raise ValueError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)")
+                return (*stored, None)
+    pool, spatial, _ = compute_features(path, model, batch_size)
+    return (*(stored or (statistics(pool), statistics(spatial))), pool)
+
+def main():
+    p = argparse.ArgumentParser(description="ADM evaluator metrics (IS, FID, sFID, precision, recall) in PyTorch")
+    p.add_argument("ref", help="reference batch: ADM .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or image folder")
+    p.add_argument("samples", nargs="?", help="sample batch: .npz (arr_0 uint8 (N, H, W, 3)) or image folder")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth (default: downloaded to $DIT_CACHE)")
+    p.add_argument("--save-stats", metavar="NPZ", help="save the reference's mu, sigma, mu_s, sigma_s to NPZ")
+    args = p.parse_args()
+    if args.samples is None and args.save_stats is None:
+        p.error("give SAMPLES to evaluate against REF, or --save-stats NPZ to save REF's statistics")
+    model = load_inception(args.inception, args.device)
+    (mu, sigma), (mu_s, sigma_s), ref_pool = reference(args.ref, model, args.batch_size)
+    if args.save_stats:
+        with open(args.save_stats + ".tmp", "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+        os.replace(args.save_stats + ".tmp", args.save_stats)
+        print(f"saved reference statistics to {args.save_stats}", file=sys.stderr)
+    if args.samples is None:
+        return
+    pool, spatial, logits = compute_features(args.samples, model, args.batch_size)
+    print("Inception Score:", inception_score(logits))
+    print("FID:", frechet_distance(*statistics(pool), mu, sigma))
+    print("sFID:", frechet_distance(*statistics(spatial), mu_s, sigma_s))
+    if ref_pool is None:
+        print("Precision/Recall: skipped, the reference file has statistics but no images (arr_0)")
+        return
+    precision, recall = precision_recall(ref_pool, pool, device=args.device)
+    print("Precision:", precision)
+    print("Recall:", recall)
+
+if __name__ == "__main__":
+    main()
