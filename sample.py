@@ -23,7 +23,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from diffusion import create_diffusion
-from dit import DiT_models, find_model
+from dit import DiT, DiT_models, find_model
 from vae import load_vae
 
 CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the official sample.py's classes
@@ -47,6 +47,8 @@ def parse_args(argv=None):
                    help="DiT checkpoint: raw state dict or train.py checkpoint (uses its EMA weights); "
                         "default: download the official DiT-XL/2 for --image-size 256 or 512")
     # Beyond the official sample.py:
+    p.add_argument("--model-kwargs", type=str, default="{}",
+                   help="the --model-kwargs JSON of a train.py run with a custom DiT, e.g. '{\"depth\": 4}'")
     p.add_argument("--labels", type=int, nargs="+", default=None, help="class labels (default: the official 8)")
     p.add_argument("--out", type=str, default=None, help="output file (default sample.png, or samples.npz for FID)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
@@ -72,6 +74,10 @@ def check_args(args):
              "for other models pass --ckpt PATH")
     if args.ckpt is None and args.vae == "none":
         fail("the official DiT-XL/2 is a latent model; --vae none needs a pixel-space --ckpt from train.py --vae none")
+    try:
+        assert isinstance(json.loads(args.model_kwargs), dict)
+    except (ValueError, AssertionError):
+        fail(f"--model-kwargs {args.model_kwargs!r} is not a JSON object, e.g. '{{\"depth\": 4}}'")
     if args.ckpt is not None and not os.path.isfile(args.ckpt):
         fail(f"--ckpt {args.ckpt} is not a file; give a checkpoint path, or leave --ckpt out to download DiT-XL/2")
     if args.labels is not None and args.num_fid_samples:
@@ -94,16 +100,21 @@ def fail(msg):
 
 def load_model(args, vae):
     """-> DiT (eval mode, on CPU) with the checkpoint's weights, or a clear error if they belong to another model."""
-    factor = 1 if vae is None else vae.downsample_factor
-    latent_size, patch = args.image_size // factor, int(args.model.split("/")[1])
+    factor, kwargs = 1 if vae is None else vae.downsample_factor, json.loads(args.model_kwargs)
+    latent_size, patch = args.image_size // factor, kwargs.get("patch_size", int(args.model.split("/")[1]))
     if latent_size % patch:
         fail(f"--image-size {args.image_size} gives a {latent_size}x{latent_size} latent, not divisible by the "
              f"patch size {patch} of {args.model}; use a multiple of {factor * patch}")
     ckpt = args.ckpt or f"DiT-XL-2-{args.image_size}x{args.image_size}.pt"
     # The official code builds the model right after torch.manual_seed, and on CPU its random init draws from the
     # same generator as the sampling noise: building it at the same point keeps CPU samples seed-for-seed equal.
-    model = DiT_models[args.model](input_size=latent_size, num_classes=args.num_classes,
-                                   in_channels=3 if vae is None else vae.config["latent_channels"])
+    # A custom train.py model (--model-kwargs) is built as train.py builds it: DiT defaults, the named patch size.
+    build = (lambda **kw: DiT(**{"patch_size": patch, **kwargs}, **kw)) if kwargs else DiT_models[args.model]
+    try:
+        model = build(input_size=latent_size, num_classes=args.num_classes,
+                      in_channels=3 if vae is None else vae.config["latent_channels"])
+    except TypeError as e:  # a misspelled --model-kwargs key
+        fail(f"--model-kwargs {args.model_kwargs}: {e}")
     try:
         model.load_state_dict(find_model(ckpt))
     except (ValueError, RuntimeError) as e:

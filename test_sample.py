@@ -17,7 +17,8 @@ import sample
 import vae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = dict(depth=2, hidden_size=64, num_heads=2, patch_size=8)  # registered as "DiT-T/8": fast on 2 cores
+TINY = dict(depth=2, hidden_size=64, num_heads=2, patch_size=8)  # fast on 2 cores
+TINY_ARGS = ["--model", "DiT-S/8", "--model-kwargs", '{"depth": 2, "hidden_size": 64, "num_heads": 2}']
 OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
@@ -58,9 +59,8 @@ def png(path):
 
 
 @pytest.fixture(autouse=True)
-def tiny_models(monkeypatch):
-    """Registers the tiny test architecture; one thread (2 threads on a loaded 2-core box are 100x slower)."""
-    monkeypatch.setitem(dit.DiT_models, "DiT-T/8", lambda **kw: dit.DiT(**TINY, **kw))
+def one_thread():
+    """Tiny models on one thread: two threads on a loaded 2-core machine are up to 100x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -87,7 +87,7 @@ def files(tmp_path_factory):
 
 
 def latent_args(files, out, *extra):
-    return ["--model", "DiT-T/8", "--ckpt", files["train"], "--vae", files["vae"], "--image-size", "32",
+    return [*TINY_ARGS, "--ckpt", files["train"], "--vae", files["vae"], "--image-size", "32",
             "--num-sampling-steps", "4", "--out", str(out), *extra]
 
 #################################################################################
@@ -156,7 +156,9 @@ def test_sample_same_seed_same_image(files, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (["--model", "DiT-Q/2"], "unknown --model"),
-    (["--model", "DiT-S/8"], "does not fit"),                   # checkpoint for another model
+    (["--model-kwargs", "{}"], "does not fit"),                 # checkpoint for another model (DiT-S/8)
+    (["--model-kwargs", '{"dept": 2}'], "unexpected keyword"),
+    (["--model-kwargs", "[2]"], "not a JSON object"),
     (["--image-size", "64"], "does not fit"),                   # checkpoint for another image size
     (["--vae", "none", "--image-size", "16"], "does not fit"),  # latent checkpoint, pixel space asked
     (["--image-size", "36"], "not a multiple of 8"),
@@ -173,14 +175,14 @@ def test_sample_bad_input_fails_before_sampling(files, tmp_path, capsys, change,
 
 def test_sample_download_requires_official_model():
     with pytest.raises(SystemExit, match="only DiT-XL/2"):
-        sample.main(["--model", "DiT-T/8", "--image-size", "32"])
+        sample.main([*TINY_ARGS, "--image-size", "32"])
 
 #################################################################################
 #                                 FID sample sets                               #
 #################################################################################
 
 def pixel_fid_args(out, n, *extra):
-    return ["--model", "DiT-T/8", "--vae", "none", "--image-size", "16", "--num-classes", "10",
+    return [*TINY_ARGS, "--vae", "none", "--image-size", "16", "--num-classes", "10",
             "--num-sampling-steps", "3", "--per-proc-batch-size", "2", "--num-fid-samples", str(n), "--out", str(out), *extra]
 
 
@@ -199,16 +201,13 @@ def test_sample_fid_resume_equals_uninterrupted_run(files, tmp_path):
 
 
 def test_sample_fid_two_processes_torchrun_and_resume(files, tmp_path):
-    script = tmp_path / "run_sample.py"  # sample.py with the tiny architecture registered
-    script.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport dit\n"
-                      f"dit.DiT_models['DiT-T/8'] = lambda **kw: dit.DiT(**{TINY!r}, **kw)\n"
-                      "import sample\nsample.main()\n")
     out = tmp_path / "fid.npz"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
 
     def torchrun(n):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(HERE, "sample.py"),
                *latent_args(files, out, "--num-fid-samples", str(n), "--per-proc-batch-size", "2", "--cfg-scale", "1.5")]
         r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
