@@ -20,6 +20,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convs run ~50x slower with 2 OpenMP threads on a busy 2-core machine: use one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def fill_(sd, seed=0):
     """The golden weight fill (see golden README): deterministic values for every float tensor, by sorted name."""
     g = torch.Generator().manual_seed(seed)
@@ -342,7 +351,8 @@ def test_vae_cli_roundtrip(tmp_path):
     write_format(tiny(), "diffusers", tmp_path / "v")
     Image.new("RGB", (21, 18), (200, 30, 90)).save(tmp_path / "img.png")
     r = subprocess.run([sys.executable, os.path.join(HERE, "vae.py"), str(tmp_path / "img.png"), "--vae",
-                        str(tmp_path / "v"), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+                        str(tmp_path / "v"), "--device", "cpu"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert "PSNR" in r.stdout and Image.open(tmp_path / "img_vae.png").size == (20, 18)
 
@@ -370,7 +380,7 @@ def hub(monkeypatch, tmp_path):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     for k in ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_HOME", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("NO_PROXY", "*")

@@ -68,9 +68,7 @@ class Attention(nn.Module):
         t = self.group_norm(x).flatten(2).transpose(1, 2)  # (N, HW, C)
         q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (N, 1, HW, C)
         o = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # softmax(q k^T / sqrt(C)) v
-        # (N, C, H, W) view with channels-last strides; adding x second keeps that layout for the convs
-        # that follow, as diffusers does (same conv kernels, so bit-identical outputs)
-        return self.to_out[0](o).transpose(1, 2).reshape(n, c, h, w) + x
+        return self.to_out[0](o).transpose(1, 2).reshape(n, c, h, w) + x  # a channels-last view: no copy
 
 
 class Downsample(nn.Module):
@@ -129,7 +127,8 @@ class Encoder(nn.Module):
         self.conv_norm_out, self.conv_out = Norm(chans[-1], groups), nn.Conv2d(chans[-1], cout, 3, padding=1)
 
     def forward(self, x):
-        h = self.conv_in(x.to(self.conv_in.weight.dtype))
+        # channels-last (NHWC) activations throughout: oneDNN and cuDNN convs run faster on them
+        h = self.conv_in(x.to(self.conv_in.weight.dtype, memory_format=torch.channels_last))
         for block in self.down_blocks:
             h = block(h)
         return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(h)), inplace=True))
@@ -147,7 +146,7 @@ class Decoder(nn.Module):
         self.conv_norm_out, self.conv_out = Norm(chans[0], groups), nn.Conv2d(chans[0], cout, 3, padding=1)
 
     def forward(self, z):
-        h = self.mid_block(self.conv_in(z.to(self.conv_in.weight.dtype)))
+        h = self.mid_block(self.conv_in(z.to(self.conv_in.weight.dtype, memory_format=torch.channels_last)))
         h = h.to(self.conv_out.weight.dtype)  # fp32 from here on when load_vae upcast the full-res layers
         for block in self.up_blocks:
             h = block(h)
@@ -218,15 +217,16 @@ class AutoencoderKL(nn.Module):
         parts = []
         for chunk in x.split(self._per_pass(*x.shape[-2:])):
             h = self.encoder(chunk)
-            parts.append((self.quant_conv(h) if self.quant_conv is not None else h).to(x.dtype))
+            parts.append((self.quant_conv(h) if self.quant_conv is not None else h).to(x.dtype).contiguous())
         return DiagonalGaussian(torch.cat(parts) if len(parts) > 1 else parts[0])
 
     def decode(self, z):
         """Latents (N, latent, h, w) (already unscaled) -> images (N, C, h*f, w*f) in about [-1, 1]."""
         f, parts = self.downsample_factor, []
         for chunk in z.split(self._per_pass(z.shape[-2] * f, z.shape[-1] * f)):
-            h = chunk.to(self.decoder.conv_in.weight.dtype)
-            parts.append(self.decoder(self.post_quant_conv(h) if self.post_quant_conv is not None else h).to(z.dtype))
+            h = chunk.to(self.decoder.conv_in.weight.dtype, memory_format=torch.channels_last)
+            h = self.decoder(self.post_quant_conv(h) if self.post_quant_conv is not None else h)
+            parts.append(h.to(z.dtype).contiguous())
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def forward(self, x):
