@@ -234,8 +234,9 @@ def load_inception(path=None, device="cpu"):
         cache = os.environ.get("DIT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dit"))
         url = os.environ.get("DIT_INCEPTION_URL", WEIGHTS_URL)  # e.g. a mirror or a file:// path
         path = download(url, WEIGHTS_SHA256, os.path.join(cache, os.path.basename(WEIGHTS_URL)))
-    model = InceptionV3()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # strict: all 566 keys
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        model = InceptionV3()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), assign=True)  # strict
     fold_batchnorm_(model)
     # channels-last lets oneDNN / cuDNN run the convolutions without layout conversions
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)

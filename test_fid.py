@@ -252,9 +252,9 @@ def test_npz_folder_array_tensor_give_the_same_images(tmp_path):
 
 
 def test_npz_and_tensor_give_the_same_features(inception, tmp_path):
-    x = images(3, 32, 10)
+    x = images(2, 32, 10)
     np.savez(tmp_path / "s.npz", x.permute(0, 2, 3, 1).numpy())
-    pool3, spatial, logits = fid.compute_features(str(tmp_path / "s.npz"), inception, batch_size=2)
+    pool3, spatial, logits = fid.compute_features(str(tmp_path / "s.npz"), inception, batch_size=1)
     with torch.no_grad():
         expected = inception(x)
     for a, b in zip((pool3, spatial, logits), expected):
@@ -359,9 +359,9 @@ def test_cli_prints_evaluator_lines_and_saves_stats(weights_file, tmp_path, monk
     assert stats["mu"].shape == (2048,) and stats["sigma_s"].shape == (2023, 2023)
     (mu, sigma, ref_mu, ref_sigma), (_, _, ref_mu_s, _) = calls
     assert mu.shape == (2048,) and np.array_equal(ref_mu, stats["mu"]) and np.array_equal(ref_mu_s, stats["mu_s"])
-    # a statistics-only reference gives the same FID inputs and skips precision/recall
-    run(tmp_path / "stats.npz", tmp_path / "samples.npz", "--inception", weights_file)
-    out = capsys.readouterr().out
-    assert "FID: 3.0" in out and "Precision/Recall: skipped" in out
-    np.testing.assert_array_equal(calls[2][0], mu)
-    np.testing.assert_array_equal(calls[2][2], stats["mu"])
+    # a statistics-only reference: its stored statistics, no images for precision/recall
+    (mu2, sigma2), (mu_s2, sigma_s2), pool3 = fid.reference(str(tmp_path / "stats.npz"), None, 2)
+    assert pool3 is None and np.array_equal(mu2, stats["mu"]) and np.array_equal(sigma_s2, stats["sigma_s"])
+    with pytest.raises(ValueError, match="neither images"):
+        np.savez(tmp_path / "other.npz", x=np.zeros(3))
+        fid.reference(str(tmp_path / "other.npz"), None, 2)
