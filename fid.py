@@ -24,7 +24,6 @@ from scipy import linalg
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 #################################################################################
 #                    Inception v3, FID variant (TF graph 2015-12-05)             #
@@ -173,10 +172,7 @@ class InceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008)  # 1008 classes; its bias is in the file but unused here
 
     def forward(self, images):
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"InceptionV3 takes uint8 images (N, 3, H, W) in [0, 255], got {images.dtype} "
-                             f"{tuple(images.shape)}; convert with (x * 255).round().clamp(0, 255).byte()")
-        x = tf1_resize(images.float())
+        x = tf1_resize(check_images(images, "InceptionV3").float())
         x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)  # (N, 3, 299, 299)
         x = self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))
         x = F.max_pool2d(self.Conv2d_2b_3x3(x), 3, stride=2)                # (N, 64, 73, 73)
@@ -245,69 +241,61 @@ def load_inception(path=None, device="cpu"):
 #                                  Image sources                                #
 #################################################################################
 
-def _as_nchw(x, what):
-    """Check a uint8 batch-of-images tensor (N, 3, H, W); grayscale (N, 1, H, W) is repeated to RGB."""
-    if x.dtype != torch.uint8:
-        raise ValueError(f"{what}: images must be uint8 in [0, 255], got {x.dtype}; "
-                         f"convert with (x * 255).round().clip(0, 255).astype(uint8)")
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"{what}: expected images (N, 3, H, W) for tensors or (N, H, W, 3) for "
-                         f"numpy arrays and .npz files, got shape {tuple(x.shape)}")
-    return x.expand(-1, 3, -1, -1)
-
-def _npy_header(f):
-    """(shape, fortran_order, dtype) of an .npy stream, leaving it at the start of the data."""
-    version = np.lib.format.read_magic(f)
-    if version not in ((1, 0), (2, 0)):
-        raise ValueError(f"unsupported .npy format version {version} for arr_0")
-    return (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+def check_images(x, what):
+    """x if it is uint8 RGB images (N, 3, H, W), else a clear error."""
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"{what}: expected uint8 RGB images, (N, H, W, 3) in numpy arrays and .npz files, "
+                         f"(N, 3, H, W) in tensors; got {x.dtype} {tuple(x.shape)}. From floats in [0, 1]: "
+                         f"(x * 255).round().clip(0, 255) as uint8; from grayscale: repeat to 3 channels")
+    return x
 
 def _npz_batches(path, batch_size):
-    """(count, batches) of arr_0 (N, H, W, 3) uint8 in an ADM .npz, read in chunks: never all at once."""
-    with zipfile.ZipFile(path) as z:
-        if "arr_0.npy" not in z.namelist():
-            raise ValueError(f"{path} has no images (arr_0), only {[n[:-4] for n in z.namelist()]}; ADM "
-                             f".npz files hold uint8 images (N, H, W, 3) as arr_0: np.savez(path, images)")
-        with z.open("arr_0.npy") as f:
-            shape, fortran, dtype = _npy_header(f)
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran:
-        raise ValueError(f"{path}: arr_0 must be C-ordered uint8 images (N, H, W, 3), got {dtype} {shape}")
+    """(count, batches) of arr_0 (N, H, W, 3) uint8 in an ADM .npz, streamed from the zip in chunks."""
+    z = zipfile.ZipFile(path)
+    if "arr_0.npy" not in z.namelist():
+        raise ValueError(f"{path} has no images (arr_0), only {[n[:-4] for n in z.namelist()]}; ADM "
+                         f".npz files hold uint8 images (N, H, W, 3) as arr_0: np.savez(path, images)")
+    f = z.open("arr_0.npy")
+    version = np.lib.format.read_magic(f)
+    shape, fortran, dtype = getattr(np.lib.format, "read_array_header_%d_%d" % version)(f)
+    if dtype != np.uint8 or fortran or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{path}: arr_0 must be C-ordered uint8 RGB images (N, H, W, 3), got {dtype} {shape}")
     def batches():
-        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-            _npy_header(f)
+        with z, f:
             for i in range(0, shape[0], batch_size):
                 n = min(batch_size, shape[0] - i)
                 x = np.frombuffer(f.read(n * int(np.prod(shape[1:]))), np.uint8).reshape(n, *shape[1:])
-                yield _as_nchw(torch.from_numpy(x.copy()).permute(0, 3, 1, 2), path)  # channels-last view
+                yield torch.from_numpy(x.copy()).permute(0, 3, 1, 2)  # (n, 3, H, W), channels-last memory
     return shape[0], batches()
 
 def _folder_batches(path, batch_size):
-    """(count, batches) of the PNG/JPEG images in a folder, sorted by name, grayscale/RGBA made RGB."""
+    """(count, batches) of the images in a folder, sorted by name; grayscale and RGBA converted to RGB."""
     from PIL import Image
-    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
+    files = [os.path.join(path, f) for f in sorted(os.listdir(path))
+             if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp"))]
     if not files:
-        raise ValueError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) in this folder")
-    def load(name):
+        raise ValueError(f"{path}: no images (.png, .jpg, .jpeg, .bmp, .webp) in this folder")
+    def load(file):
         try:
-            with Image.open(os.path.join(path, name)) as im:
+            with Image.open(file) as im:
                 return np.asarray(im.convert("RGB"))
         except OSError as e:
-            raise ValueError(f"{os.path.join(path, name)} is not a readable image: {e}") from None
+            raise ValueError(f"{file} is not a readable image: {e}") from None
     def batches():
         size = None
         for i in range(0, len(files), batch_size):
             ims = [load(f) for f in files[i:i + batch_size]]
+            size = size or ims[0].shape
             for f, im in zip(files[i:i + batch_size], ims):
-                size = size or im.shape
                 if im.shape != size:
-                    raise ValueError(f"{os.path.join(path, f)} is {im.shape[1]}x{im.shape[0]}, the first image "
-                                     f"is {size[1]}x{size[0]}: all images must have the same size")
+                    raise ValueError(f"{f} is {im.shape[1]}x{im.shape[0]}, {files[0]} is {size[1]}x{size[0]}: "
+                                     f"all images must have the same size")
             yield torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2)
     return len(files), batches()
 
 def image_batches(images, batch_size=50):
-    """(count, iterator of uint8 (B, 3, H, W)) for a .npz path, a folder, a numpy (N, H, W, 3) array
-    or a torch (N, 3, H, W) tensor."""
+    """(count, iterator of uint8 (B, 3, H, W)): from a .npz path, a folder, a numpy array (N, H, W, 3)
+    or a tensor (N, 3, H, W)."""
     if isinstance(images, (str, os.PathLike)):
         images = os.fspath(images)
         if os.path.isdir(images):
@@ -316,8 +304,8 @@ def image_batches(images, batch_size=50):
             return _npz_batches(images, batch_size)
         raise ValueError(f"{images}: expected an existing .npz file (arr_0: uint8 (N, H, W, 3)) or a folder of images")
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images).permute(0, 3, 1, 2) if images.ndim == 4 else torch.from_numpy(images)
-    x = _as_nchw(images, "images")
+        images = torch.from_numpy(images).movedim(-1, 1) if images.ndim == 4 else torch.from_numpy(images)
+    x = check_images(images, "images")
     return len(x), (x[i:i + batch_size] for i in range(0, len(x), batch_size))
 
 @torch.inference_mode()
@@ -405,16 +393,11 @@ def precision_recall(ref, sample, k=3, rows=1000, device="cpu"):
 def reference(path, model, batch_size):
     """((mu, sigma), (mu_s, sigma_s), pool3 or None): statistics stored in an ADM reference .npz are
     used as the evaluator uses them; pool3 features (for precision/recall) need its images."""
-    stored = None
-    if str(path).endswith(".npz") and os.path.isfile(path):
-        with np.load(path) as z:
-            if "mu" in z.files:
-                stored = (z["mu"], z["sigma"]), (z["mu_s"], z["sigma_s"])
-            if "arr_0" not in z.files:
-                if stored is None:
-                    raise ValueError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)")
-                return (*stored, None)
-    pool, spatial, _ = compute_features(path, model, batch_size)
+    z = np.load(path) if str(path).endswith(".npz") and os.path.isfile(path) else {}
+    stored = ((z["mu"], z["sigma"]), (z["mu_s"], z["sigma_s"])) if "mu" in z else None
+    if stored and "arr_0" not in z:
+        return (*stored, None)
+    pool, spatial, _ = compute_features(path, model, batch_size)  # a clear error if there are no images
     return (*(stored or (statistics(pool), statistics(spatial))), pool)
 
 def main():
@@ -430,11 +413,9 @@ def main():
         p.error("give SAMPLES to evaluate against REF, or --save-stats NPZ to save REF's statistics")
     model = load_inception(args.inception, args.device)
     (mu, sigma), (mu_s, sigma_s), ref_pool = reference(args.ref, model, args.batch_size)
-    if args.save_stats:
-        with open(args.save_stats + ".tmp", "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
-        os.replace(args.save_stats + ".tmp", args.save_stats)
-        print(f"saved reference statistics to {args.save_stats}", file=sys.stderr)
+    if args.save_stats:  # written to a temporary name first, then renamed: never a half-written file
+        np.savez(args.save_stats + ".tmp.npz", mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+        os.replace(args.save_stats + ".tmp.npz", args.save_stats)
     if args.samples is None:
         return
     pool, spatial, logits = compute_features(args.samples, model, args.batch_size)

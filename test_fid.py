@@ -110,7 +110,7 @@ def test_load_inception_from_file_folds_batchnorm(inception, weights_file):
 def test_inception_rejects_non_uint8(inception):
     with pytest.raises(ValueError, match="uint8"):
         inception(torch.rand(1, 3, 64, 64))
-    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\) in tensors"):
         inception(torch.zeros(1, 1, 64, 64, dtype=torch.uint8))
 
 
@@ -262,14 +262,14 @@ def test_npz_and_tensor_give_the_same_features(inception, tmp_path):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
-def test_grayscale_becomes_rgb(tmp_path):
+def test_grayscale_files_become_rgb_arrays_must_be_rgb(tmp_path):
     gray = images(2, 16, 11)[:, :1]
     for i, im in enumerate(gray[:, 0].numpy()):
         Image.fromarray(im, mode="L").save(tmp_path / f"{i}.png")
-    rgb = gray.expand(-1, 3, -1, -1)
-    assert torch.equal(_batches(str(tmp_path)), rgb)
-    assert torch.equal(_batches(gray), rgb)
-    assert torch.equal(_batches(gray.permute(0, 2, 3, 1).numpy()), rgb)
+    assert torch.equal(_batches(str(tmp_path)), gray.expand(-1, 3, -1, -1))
+    for x in (gray, gray.permute(0, 2, 3, 1).numpy(), gray[:, 0].numpy()):
+        with pytest.raises(ValueError, match="repeat to 3 channels"):
+            fid.image_batches(x)
 
 
 def test_bad_inputs_fail_clearly(tmp_path):
@@ -362,6 +362,6 @@ def test_cli_prints_evaluator_lines_and_saves_stats(weights_file, tmp_path, monk
     # a statistics-only reference: its stored statistics, no images for precision/recall
     (mu2, sigma2), (mu_s2, sigma_s2), pool3 = fid.reference(str(tmp_path / "stats.npz"), None, 2)
     assert pool3 is None and np.array_equal(mu2, stats["mu"]) and np.array_equal(sigma_s2, stats["sigma_s"])
-    with pytest.raises(ValueError, match="neither images"):
+    with pytest.raises(ValueError, match="no images"):
         np.savez(tmp_path / "other.npz", x=np.zeros(3))
         fid.reference(str(tmp_path / "other.npz"), None, 2)
