@@ -174,9 +174,13 @@ def to_uint8(x):
 def atomic_write(path, write):
     """Calls write(file object) on a temp file next to path, then renames it into place."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_npz(path, chunks, shape):
