@@ -215,7 +215,8 @@ def test_vae_wrong_model_errors_name_the_problem(tmp_path):
     d = write_format(m, "diffusers", tmp_path / "a")
     cfg = {**m.config, "block_out_channels": [64, 64]}
     json.dump(cfg, open(tmp_path / "a" / "config.json", "w"))
-    with pytest.raises(ValueError, match=r"encoder.conv_in.weight has shape \(32, 3, 3, 3\).*expects \(64, 3, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"does not fit this VAE.*0 missing.*wrong shapes "
+                                         r"\['encoder.conv_in.weight \(32, 3, 3, 3\) \(expected \(64, 3, 3, 3\)\)'"):
         vae.load_vae(d)
     json.dump({**cfg, "_class_name": "AutoencoderTiny"}, open(tmp_path / "a" / "config.json", "w"))
     with pytest.raises(ValueError, match="AutoencoderTiny"):
@@ -223,8 +224,11 @@ def test_vae_wrong_model_errors_name_the_problem(tmp_path):
     sd = m.state_dict()
     sd.pop("decoder.conv_out.bias")
     sd["decoder.extra.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"missing \['decoder.conv_out.bias'\], unexpected \['decoder.extra.weight'\]"):
-        vae.load_weights(vae.AutoencoderKL(**TINY), sd)
+    json.dump(m.config, open(tmp_path / "a" / "config.json", "w"))
+    vae.save_safetensors(sd, str(tmp_path / "a" / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ValueError, match=r"1 missing keys \['decoder.conv_out.bias'\], "
+                                         r"1 unexpected keys \['decoder.extra.weight'\], 0 wrong shapes"):
+        vae.load_vae(d)
     torch.save({"x_embedder.proj.weight": torch.zeros(1), "y_embedder.embedding_table.weight": torch.zeros(1)},
                tmp_path / "dit.pt")
     with pytest.raises(ValueError, match="holds no VAE weights.*x_embedder"):
@@ -432,7 +436,7 @@ def test_download_sha256_mismatch_leaves_nothing(hub, tmp_path):
     publish(routes, "org/vae", tiny(), tmp_path, sha="0" * 64)
     with pytest.raises(OSError, match="corrupt: sha256"):
         vae.load_vae("org/vae")
-    assert os.listdir(tmp_path / "dit_cache" / "org--vae" / "main") == ["config.json"]
+    assert [f for f in os.listdir(tmp_path / "dit_cache" / "org--vae" / "main") if "diffusion" in f] == []
 
 
 def test_download_falls_back_to_bin_and_subfolders(hub, tmp_path):
