@@ -17,7 +17,7 @@ import torch
 import vae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = dict(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
+TINY_VAE = dict(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
 
 
 @pytest.fixture(autouse=True)
@@ -59,14 +59,14 @@ def check_summary(t, s):
         assert abs(a.item() - b) <= 1e-4 * scale, (a.item(), b)
 
 
-def tiny(seed=0, **kw):
-    m = vae.AutoencoderKL(**{**TINY, **kw}).eval()
+def tiny_vae(seed=0, **kw):
+    m = vae.AutoencoderKL(**{**TINY_VAE, **kw}).eval()
     with torch.no_grad():
         fill_(m.state_dict(), seed)
     return m
 
 
-def outputs(m, seed=3):
+def vae_outputs(m, seed=3):
     """Encode mean/logvar and decode of fixed inputs: enough to tell two VAEs apart."""
     f, c = m.downsample_factor, m.config["latent_channels"]
     x, z = randn((2, 3, 4 * f, 4 * f), seed).clamp(-1, 1), randn((2, c, 4, 4), seed + 1)
@@ -76,7 +76,7 @@ def outputs(m, seed=3):
 
 
 def assert_same_vae(a, b):
-    for u, v in zip(outputs(a), outputs(b)):
+    for u, v in zip(vae_outputs(a), vae_outputs(b)):
         assert torch.equal(u, v)
 
 
@@ -175,7 +175,7 @@ def write_format(m, fmt, directory):
 
 @pytest.mark.parametrize("fmt", ["diffusers", "legacy", "ldm", "bin", "sd_ckpt"])
 def test_vae_loads_every_key_format_identically(tmp_path, fmt):
-    m = tiny()
+    m = tiny_vae()
     loaded = vae.load_vae(write_format(m, fmt, tmp_path / fmt))
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert_same_vae(m, loaded)
@@ -183,7 +183,7 @@ def test_vae_loads_every_key_format_identically(tmp_path, fmt):
 
 def test_vae_single_file_infers_config_flux_style(tmp_path):
     # FLUX.1/SD3-style: 16 latent channels, no quant convs; a lone weights file (no config.json)
-    m = tiny(block_out_channels=(32, 64, 64), norm_num_groups=32, latent_channels=16,
+    m = tiny_vae(block_out_channels=(32, 64, 64), norm_num_groups=32, latent_channels=16,
              use_quant_conv=False, use_post_quant_conv=False)
     assert not any("quant_conv" in k for k in m.state_dict())
     path = str(tmp_path / "ae.safetensors")
@@ -195,7 +195,7 @@ def test_vae_single_file_infers_config_flux_style(tmp_path):
 
 
 def test_vae_config_scaling_shift_roundtrip(tmp_path):
-    m = tiny(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
+    m = tiny_vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
              shift_factor=0.1159)
     vae.save_vae(m, tmp_path / "flux")
     loaded = vae.load_vae(str(tmp_path / "flux"))
@@ -211,7 +211,7 @@ def test_vae_config_scaling_shift_roundtrip(tmp_path):
 
 
 def test_vae_wrong_model_errors_name_the_problem(tmp_path):
-    m = tiny()
+    m = tiny_vae()
     d = write_format(m, "diffusers", tmp_path / "a")
     cfg = {**m.config, "block_out_channels": [64, 64]}
     json.dump(cfg, open(tmp_path / "a" / "config.json", "w"))
@@ -257,7 +257,7 @@ def test_safetensors_roundtrip_dtypes(tmp_path):
         assert back[k].dtype == ts[k].dtype and torch.equal(back[k], ts[k]), k
 
 
-def hand_built(entries, data, header_extra=None):
+def st_bytes(entries, data, header_extra=None):
     """safetensors bytes from a header dict and raw data, written by hand (no writer involved)."""
     head = json.dumps({**entries, **(header_extra or {})}).encode()
     return struct.pack("<Q", len(head)) + head + data
@@ -271,7 +271,7 @@ def test_safetensors_reads_hand_built_bytes(tmp_path):
                "b": {"dtype": "BF16", "shape": [3], "data_offsets": [22, 28]},
                "i": {"dtype": "I64", "shape": [2], "data_offsets": [28, 44]}}
     path = tmp_path / "hand.safetensors"
-    path.write_bytes(hand_built(entries, data, {"__metadata__": {"format": "pt"}}))
+    path.write_bytes(st_bytes(entries, data, {"__metadata__": {"format": "pt"}}))
     sd = vae.load_safetensors(str(path))
     assert torch.equal(sd["w"], torch.tensor([[1.0, -2.0], [0.5, 3.25]]))
     assert torch.equal(sd["h"], torch.tensor([1.5, -0.25, 8.0], dtype=torch.float16))
@@ -288,17 +288,17 @@ def test_safetensors_reads_hand_built_bytes(tmp_path):
     ("bad_offsets", "corrupt entry w"),
 ])
 def test_safetensors_corrupt_files_give_clear_errors(tmp_path, case, match):
-    good = hand_built({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(16))
+    good = st_bytes({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(16))
     blob = {"truncated": good[:-3], "tiny": b"\x01\x02", "huge_header": struct.pack("<Q", 1 << 40) + b"{}",
             "bad_json": struct.pack("<Q", 4) + b"{no}",
-            "bad_dtype": hand_built({"w": {"dtype": "Q7", "shape": [4], "data_offsets": [0, 16]}}, bytes(16)),
-            "bad_offsets": hand_built({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, bytes(16)),
+            "bad_dtype": st_bytes({"w": {"dtype": "Q7", "shape": [4], "data_offsets": [0, 16]}}, bytes(16)),
+            "bad_offsets": st_bytes({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, bytes(16)),
             }[case]
     path = tmp_path / "x.safetensors"
     path.write_bytes(blob)
     with pytest.raises(ValueError, match=match):
         vae.load_safetensors(str(path))
-    m = tiny()
+    m = tiny_vae()
     write_format(m, "diffusers", tmp_path / "cut")  # a truncated download through load_vae
     w = tmp_path / "cut" / "diffusion_pytorch_model.safetensors"
     w.write_bytes(w.read_bytes()[:-100])
@@ -310,12 +310,12 @@ def test_safetensors_corrupt_files_give_clear_errors(tmp_path, case, match):
 #################################################################################
 
 def test_vae_bf16_and_fp16_upcast(tmp_path):
-    m = tiny()
+    m = tiny_vae()
     d = write_format(m, "diffusers", tmp_path / "v")
-    ref = outputs(m)
+    ref = vae_outputs(m)
     b = vae.load_vae(d, dtype=torch.bfloat16)
     assert b.dtype == torch.bfloat16
-    for r, o in zip(ref, outputs(b)):
+    for r, o in zip(ref, vae_outputs(b)):
         assert o.dtype == torch.float32 and torch.isfinite(o).all()  # outputs in the caller's dtype
         assert (o - r).norm() / r.norm() < 3e-2
     h = vae.load_vae(d, dtype=torch.float16)
@@ -330,7 +330,7 @@ def test_vae_bf16_and_fp16_upcast(tmp_path):
 
 
 def test_vae_slicing_matches_separate_calls():
-    m = tiny()
+    m = tiny_vae()
     x, z = randn((5, 3, 8, 8), 0).clamp(-1, 1), randn((5, 4, 4, 4), 1)
     with torch.no_grad():  # conv kernels may differ with batch size, so compare with the same chunks by hand
         means = torch.cat([m.encode(c).mean for c in x.split(2)])
@@ -340,7 +340,7 @@ def test_vae_slicing_matches_separate_calls():
 
 
 def test_vae_posterior_sample_mode():
-    m = tiny()
+    m = tiny_vae()
     with torch.no_grad():
         p = m.encode(randn((2, 3, 8, 8), 0))
     eps = torch.randn(p.mean.shape, generator=torch.Generator().manual_seed(7))
@@ -352,7 +352,7 @@ def test_vae_posterior_sample_mode():
 
 def test_vae_cli_roundtrip(tmp_path):
     from PIL import Image
-    write_format(tiny(), "diffusers", tmp_path / "v")
+    write_format(tiny_vae(), "diffusers", tmp_path / "v")
     Image.new("RGB", (21, 18), (200, 30, 90)).save(tmp_path / "img.png")
     r = subprocess.run([sys.executable, os.path.join(HERE, "vae.py"), str(tmp_path / "img.png"), "--vae",
                         str(tmp_path / "v"), "--device", "cpu"], capture_output=True, text=True, timeout=120,
@@ -365,7 +365,7 @@ def test_vae_cli_roundtrip(tmp_path):
 #################################################################################
 
 @pytest.fixture
-def hub(monkeypatch, tmp_path):
+def fake_hub(monkeypatch, tmp_path):
     """A fake Hugging Face endpoint on 127.0.0.1: routes maps path -> (status, headers, body); log records hits."""
     routes, log = {}, []
 
@@ -397,7 +397,7 @@ def hub(monkeypatch, tmp_path):
     server.server_close()
 
 
-def publish(routes, repo, m, tmp_path, sha=None, weights="safetensors"):
+def publish_vae(routes, repo, m, tmp_path, sha=None, weights="safetensors"):
     """Serve m like the Hub: config.json directly, weights via a redirect to a CDN path that sends X-Linked-Etag."""
     d = tmp_path / "published"
     vae.save_vae(m, d)
@@ -412,10 +412,10 @@ def publish(routes, repo, m, tmp_path, sha=None, weights="safetensors"):
     return body
 
 
-def test_download_redirect_cache_and_offline(hub, tmp_path, monkeypatch, capfd):
-    routes, log = hub
-    m = tiny()
-    body = publish(routes, "stabilityai/sd-vae-ft-ema", m, tmp_path)
+def test_download_redirect_cache_and_offline(fake_hub, tmp_path, monkeypatch, capfd):
+    routes, log = fake_hub
+    m = tiny_vae()
+    body = publish_vae(routes, "stabilityai/sd-vae-ft-ema", m, tmp_path)
     assert_same_vae(m, vae.load_vae("ema"))  # the shorthand resolves to the repo DiT uses
     assert "downloading" in capfd.readouterr().err
     cached = tmp_path / "dit_cache" / "stabilityai--sd-vae-ft-ema" / "main"
@@ -431,18 +431,18 @@ def test_download_redirect_cache_and_offline(hub, tmp_path, monkeypatch, capfd):
     assert len(log) == hits
 
 
-def test_download_sha256_mismatch_leaves_nothing(hub, tmp_path):
-    routes, _ = hub
-    publish(routes, "org/vae", tiny(), tmp_path, sha="0" * 64)
+def test_download_sha256_mismatch_leaves_nothing(fake_hub, tmp_path):
+    routes, _ = fake_hub
+    publish_vae(routes, "org/vae", tiny_vae(), tmp_path, sha="0" * 64)
     with pytest.raises(OSError, match="corrupt: sha256"):
         vae.load_vae("org/vae")
     assert [f for f in os.listdir(tmp_path / "dit_cache" / "org--vae" / "main") if "diffusion" in f] == []
 
 
-def test_download_falls_back_to_bin_and_subfolders(hub, tmp_path):
-    routes, log = hub
-    m = tiny()
-    publish(routes, "org/vae", m, tmp_path, weights="bin")
+def test_download_falls_back_to_bin_and_subfolders(fake_hub, tmp_path):
+    routes, log = fake_hub
+    m = tiny_vae()
+    publish_vae(routes, "org/vae", m, tmp_path, weights="bin")
     assert_same_vae(m, vae.load_vae("org/vae"))
     assert "/org/vae/resolve/main/diffusion_pytorch_model.safetensors" in log  # safetensors tried first
     for path, route in list(routes.items()):  # a pipeline repo keeps its VAE in the subfolder vae/
@@ -452,9 +452,9 @@ def test_download_falls_back_to_bin_and_subfolders(hub, tmp_path):
         vae.load_vae("org/missing")
 
 
-def test_reuses_huggingface_cache_offline(hub, tmp_path, monkeypatch):
-    routes, log = hub
-    m = tiny()
+def test_reuses_huggingface_cache_offline(fake_hub, tmp_path, monkeypatch):
+    routes, log = fake_hub
+    m = tiny_vae()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for env, hub_dir in (("HF_HUB_CACHE", "hf_hub"), ("HF_HOME", "hf_home/hub")):
         if env == "HF_HOME":  # HF_HUB_CACHE unset: the cache is $HF_HOME/hub
