@@ -162,7 +162,7 @@ def test_checkpoint_layout_logging_samples_and_find_model(tmp_path):
     log = open(exp / "log.txt").read()
     assert "(step=0000003) loss" in log and "steps/s" in log and "img/s" in log and "Saved checkpoint" in log
     grid = Image.open(exp / "samples/0000003.png")
-    assert grid.size == (4 * 18 + 2, 4 * 18 + 2) and grid.mode == "RGB"
+    assert grid.size == (64, 64) and grid.mode == "RGB"
 
 
 def test_loss_goes_down_on_a_learnable_set(tmp_path):
@@ -208,7 +208,7 @@ def test_latent_cache_ddp_and_same_inputs(ddp_runs):
     with pytest.raises(SystemExit, match="latent-cache .* holds other images or settings"):
         run_inline([*common, "--latent-cache", str(root / "cache"), "--image-size", "32"])
     run_inline([*common, "--sample-every", "1"])
-    assert Image.open(root / "d/001-DiT-S-8/samples/0000001.png").size == (4 * 18 + 2, 4 * 18 + 2)
+    assert Image.open(root / "d/001-DiT-S-8/samples/0000001.png").size == (64, 64)
 
 
 def test_bf16_and_fp16_steps_run(tmp_path):

@@ -213,10 +213,7 @@ def save_sample_grid(ema, vae, args, shape, path, device, n=16):
         x = x if vae is None else vae.decode(x / vae.scaling_factor + vae.shift_factor)
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     h, w = x.shape[1:3]
-    grid = np.zeros((math.ceil(n / 4) * (h + 2) + 2, 4 * (w + 2) + 2, 3), np.uint8)  # 4 columns, 2-pixel gaps
-    for i, image in enumerate(x):
-        top, left = 2 + i // 4 * (h + 2), 2 + i % 4 * (w + 2)
-        grid[top: top + h, left: left + w] = image
+    grid = x.reshape(n // 4, 4, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(n // 4 * h, 4 * w, 3)  # 4 per row
     Image.fromarray(grid).save(path + ".tmp", format="PNG")
     os.replace(path + ".tmp", path)
 
@@ -317,7 +314,7 @@ def train(args, rank, world_size, device):
 
     # Model, EMA (a copy of rank 0's initial weights), optimizer:
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=device.type == "cuda" or None)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 only
     net = torch.compile(model) if args.compile else model
     net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else net
