@@ -30,6 +30,7 @@ WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129
 #################################################################################
 
 class BasicConv2d(nn.Module):
+    """Convolution without bias, BatchNorm (TF's eps 0.001), ReLU."""
     def __init__(self, cin, cout, **kw):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
@@ -206,6 +207,9 @@ def download(url, sha256, dest):
             raise RuntimeError(f"sha256 of {url} is {h.hexdigest()}, expected {sha256}: the download is "
                                f"corrupt or not the right file; retry, or pass a verified file by path")
         os.replace(tmp, dest)
+    except OSError as e:
+        raise OSError(f"could not download {url} ({e}); fetch it by hand and pass its path "
+                      f"(--inception PATH, load_inception(path)), or set DIT_INCEPTION_URL to a mirror") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

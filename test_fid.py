@@ -335,8 +335,9 @@ def test_download_checks_sha256_and_loads(http_root, weights_file, inception, tm
 def test_load_inception_uses_the_cache(weights_file, tmp_path, monkeypatch):
     monkeypatch.setenv("DIT_CACHE", str(tmp_path))
     monkeypatch.setenv("DIT_INCEPTION_URL", "http://127.0.0.1:9/unreachable.pth")
-    with pytest.raises(OSError):  # nothing cached yet: the download is tried (and fails offline)
+    with pytest.raises(OSError, match="DIT_INCEPTION_URL"):  # nothing cached: the download is tried, and fails
         fid.load_inception()
+    assert os.listdir(tmp_path) == []
     os.symlink(weights_file, tmp_path / os.path.basename(fid.WEIGHTS_URL))
     assert isinstance(fid.load_inception(), fid.InceptionV3)
 
