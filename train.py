@@ -80,12 +80,9 @@ class ImageFolder(Dataset):
     def __init__(self, samples, image_size):
         self.samples, self.image_size = samples, image_size
 
-    def __len__(self):
-        return len(self.samples)
-
     def __getitem__(self, item):
         index, flip = item
-        for j in range(index, index + 100):
+        for j in range(index, index + len(self.samples)):
             path, label = self.samples[j % len(self.samples)]
             try:
                 with Image.open(path) as image:
@@ -93,8 +90,6 @@ class ImageFolder(Dataset):
                 break
             except Exception as e:
                 print(f"train.py: warning: skipping unreadable image {path} ({e})", file=sys.stderr, flush=True)
-        else:
-            raise RuntimeError(f"100 unreadable images in a row after {self.samples[index][0]}; check --data-path")
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255).sub_(0.5).div_(0.5)
         return (x.flip(-1) if flip else x), label  # ToTensor + Normalize(0.5, 0.5), bit for bit
 
@@ -103,11 +98,7 @@ class LatentCache(Dataset):
     """Item (index, flip) -> (VAE posterior mean and std stacked (2, C, h, w), label), from build_cache's files."""
 
     def __init__(self, path):
-        self.path, self.arrays = path, None
-        self.labels = np.load(os.path.join(path, "labels.npy"))
-
-    def __len__(self):
-        return len(self.labels)
+        self.path, self.arrays, self.labels = path, None, np.load(os.path.join(path, "labels.npy"))
 
     def __getitem__(self, item):
         index, flip = item
@@ -127,6 +118,7 @@ def epoch_order(n, epoch, seed, rank, world_size):
     return [(i, flips[i]) for i in perm[rank:total:world_size]]
 
 
+@torch.no_grad()
 def to_latent(x, vae, cached):
     """Training input from a batch: pixels as they are, or a fresh posterior sample scaled by the VAE's factor."""
     if vae is None:
@@ -148,8 +140,8 @@ def build_cache(path, samples, args, vae, device, logger):
     one sample, so that training still draws a fresh latent at every step as the official script does."""
     rank, world_size, tmp = dist.get_rank(), dist.get_world_size(), path + ".tmp"
     size = args.image_size // vae.downsample_factor
-    shapes = {"mean": (len(samples), 2, vae.config["latent_channels"], size, size), "labels": (len(samples),)}
-    shapes["std"] = shapes["mean"]
+    shape = (len(samples), 2, vae.config["latent_channels"], size, size)  # (N, flip, C, h, w)
+    shapes = {"mean": shape, "std": shape, "labels": (len(samples),)}
     if rank == 0:  # rank 0 creates the arrays, then every rank fills its rows in place
         os.makedirs(tmp, exist_ok=True)
         for k, shape in shapes.items():
@@ -221,7 +213,7 @@ def save_sample_grid(ema, vae, args, shape, path, device, n=16):
 def create_logger(experiment_dir, rank):
     """Rank 0 logs to stdout and experiment_dir/log.txt (appended to on resume); other ranks stay quiet."""
     logger = logging.getLogger("train")
-    for handler in logger.handlers[:]:
+    for handler in logger.handlers[:]:  # a previous run's, when train.main runs twice in one process
         handler.close()
         logger.removeHandler(handler)
     logger.setLevel(logging.INFO)
@@ -243,11 +235,7 @@ def train(args, rank, world_size, device):
              f"use a multiple of {world_size}")
     if args.latent_cache and args.vae == "none":
         fail("--latent-cache needs a VAE; drop it for pixel-space training (--vae none)")
-    try:
-        model_kwargs = json.loads(args.model_kwargs)
-        assert isinstance(model_kwargs, dict)
-    except (ValueError, AssertionError):
-        fail(f"--model-kwargs {args.model_kwargs!r} is not a JSON object, e.g. '{{\"depth\": 4}}'")
+    model_kwargs = json.loads(args.model_kwargs)  # a JSON object, e.g. {"depth": 4}
     args.model_kwargs = json.dumps(model_kwargs, sort_keys=True)  # canonical: compared on resume
     classes, samples = find_images(args.data_path)
     if args.num_classes != 1 and len(classes) > args.num_classes:
@@ -299,9 +287,8 @@ def train(args, rank, world_size, device):
         experiment_dir = f"{args.results_dir}/{index:03d}-{args.model.replace('/', '-')}"
         os.makedirs(f"{experiment_dir}/checkpoints", exist_ok=True)
     shared = [experiment_dir if rank == 0 else None]
-    dist.broadcast_object_list(shared)  # rank 0 picked the folder name
-    experiment_dir = shared[0]
-    logger = create_logger(experiment_dir, rank)
+    dist.broadcast_object_list(shared)  # the folder rank 0 picked
+    experiment_dir, logger = shared[0], create_logger(shared[0], rank)
     logger.info(f"{'Resuming from ' + last_good if ckpt else 'Experiment directory created at ' + experiment_dir}"
                 f" ({world_size} processes, {device.type})")
     logger.info(f"DiT parameters: {sum(p.numel() for p in model.parameters()):,}, {model.gflops():.2f} Gflops/image")
@@ -309,7 +296,7 @@ def train(args, rank, world_size, device):
         build_cache(args.latent_cache, samples, args, vae, device, logger)
     dataset = LatentCache(args.latent_cache) if args.latent_cache else ImageFolder(samples, args.image_size)
     total_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
-    logger.info(f"Dataset contains {len(dataset):,} images in {len(classes)} classes ({args.data_path}), "
+    logger.info(f"Dataset contains {len(samples):,} images in {len(classes)} classes ({args.data_path}), "
                 f"{steps_per_epoch:,} steps per epoch")
 
     # Model, EMA (a copy of rank 0's initial weights), optimizer:
@@ -362,14 +349,13 @@ def train(args, rank, world_size, device):
     while step < total_steps:
         if start_batch >= steps_per_epoch:
             epoch, start_batch = epoch + 1, 0
-        order = epoch_order(len(dataset), epoch, args.global_seed, rank, world_size)
+        order = epoch_order(len(samples), epoch, args.global_seed, rank, world_size)
         loader = DataLoader(dataset, batch_size=batch, sampler=order[start_batch * batch:], drop_last=True,
                             num_workers=args.num_workers, pin_memory=device.type == "cuda",
                             generator=torch.Generator())  # its own generator: the global RNG stays untouched
         for batch_index, (x, y) in enumerate(loader, start=start_batch):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.no_grad():
-                x = to_latent(x, vae, cached=bool(args.latent_cache))
+            x = to_latent(x, vae, cached=bool(args.latent_cache))
             y = torch.zeros_like(y) if args.num_classes == 1 else y  # unconditional: one class (+ the null class)
             t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
             losses = diffusion.training_losses(model_fn, x, t, dict(y=y))
