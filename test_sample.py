@@ -1,4 +1,4 @@
-"""Tests of sample.py on CPU: tiny filled DiT/VAE weights in local files, a local HTTP server for downloads."""
+"""Tests of sample.py on CPU: tiny filled DiT/VAE weights in local sample_files, a local HTTP server for downloads."""
 import hashlib
 import http.server
 import os
@@ -17,12 +17,12 @@ import sample
 import vae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = dict(depth=2, hidden_size=64, num_heads=2, patch_size=8)  # fast on 2 cores
-TINY_ARGS = ["--model", "DiT-S/8", "--model-kwargs", '{"depth": 2, "hidden_size": 64, "num_heads": 2}']
-OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
+SAMPLE_TINY = dict(depth=2, hidden_size=64, num_heads=2, patch_size=8)  # fast on 2 cores
+SAMPLE_TINY_ARGS = ["--model", "DiT-S/8", "--model-kwargs", '{"depth": 2, "hidden_size": 64, "num_heads": 2}']
+SAMPLE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
-def fill_(module, seed, scale=1.0):
+def sample_fill_(module, seed, scale=1.0):
     """Deterministic weights (the golden README fill, 2-D weights scaled): every output depends on every layer."""
     g = torch.Generator().manual_seed(seed)
     sd = module.state_dict()
@@ -39,7 +39,7 @@ def fill_(module, seed, scale=1.0):
     return {k: v.clone() for k, v in sd.items()}
 
 
-def grid_reference(x, nrow=4, pad=2):
+def sample_grid_reference(x, nrow=4, pad=2):
     """torchvision save_image(x, nrow=4, normalize=True, value_range=(-1, 1)) pixels, written in numpy float32."""
     x = np.clip(x.astype(np.float32), -1, 1)
     x = (x - np.float32(-1)) / np.float32(2)
@@ -54,12 +54,12 @@ def grid_reference(x, nrow=4, pad=2):
     return g
 
 
-def png(path):
+def sample_png(path):
     return np.asarray(Image.open(path))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
+@pytest.fixture
+def sample_one_thread():
     """Tiny models on one thread: two threads on a loaded 2-core machine are up to 100x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -68,26 +68,26 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def sample_files(tmp_path_factory):
     """Local checkpoints: raw and train.py-style latent DiT (32x32 images), pixel-space DiT, tiny VAE dir."""
     root = tmp_path_factory.mktemp("sample_files")
     out = {}
-    sd = fill_(dit.DiT(input_size=16, num_classes=1000, **TINY), seed=1, scale=0.5)
+    sd = sample_fill_(dit.DiT(input_size=16, num_classes=1000, **SAMPLE_TINY), seed=1, scale=0.5)
     out["raw"] = str(root / "raw.pt")
     torch.save(sd, out["raw"])
     out["train"] = str(root / "train.pt")  # train.py layout: sampling must use "ema", not "model"
     torch.save({"model": {k: torch.zeros_like(v) for k, v in sd.items()}, "ema": sd, "opt": {}}, out["train"])
     out["pixel"] = str(root / "pixel.pt")
-    torch.save(fill_(dit.DiT(input_size=16, in_channels=3, num_classes=10, **TINY), seed=2, scale=0.5), out["pixel"])
+    torch.save(sample_fill_(dit.DiT(input_size=16, in_channels=3, num_classes=10, **SAMPLE_TINY), seed=2, scale=0.5), out["pixel"])
     v = vae.AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)  # downsamples 2x
-    fill_(v, seed=3)
+    sample_fill_(v, seed=3)
     out["vae"] = str(root / "vae")
     vae.save_vae(v, out["vae"])
     return out
 
 
-def latent_args(files, out, *extra):
-    return [*TINY_ARGS, "--ckpt", files["train"], "--vae", files["vae"], "--image-size", "32",
+def sample_latent_args(files, out, *extra):
+    return [*SAMPLE_TINY_ARGS, "--ckpt", files["train"], "--vae", files["vae"], "--image-size", "32",
             "--num-sampling-steps", "4", "--out", str(out), *extra]
 
 #################################################################################
@@ -101,26 +101,28 @@ TORCHVISION_GRID_SHA256 = {5: "227e872104a061968cb0c271f0dc6fb5da3996b90e403a1a2
 
 
 @pytest.mark.parametrize("n", [5, 8])
+@pytest.mark.usefixtures("sample_one_thread")
 def test_sample_grid_matches_torchvision_save_image(n):
     x = torch.randn((n, 3, 6, 7), generator=torch.Generator().manual_seed(n), dtype=torch.float64).float() * 1.5
     grid = sample.make_grid(x)
     assert grid.shape == (2 * (6 + 2) + 2, 4 * (7 + 2) + 2, 3) and grid.dtype == np.uint8
     assert hashlib.sha256(grid.tobytes()).hexdigest() == TORCHVISION_GRID_SHA256[n]
-    assert np.array_equal(grid, grid_reference(x.numpy()))  # the test's own reference agrees too
+    assert np.array_equal(grid, sample_grid_reference(x.numpy()))  # the test's own reference agrees too
 
 
 @pytest.mark.parametrize("extra", [[], ["--sampler", "ddim", "--cfg-all-channels", "--labels", "3", "999", "0", "5", "7"]])
-def test_sample_matches_reference_from_dit_diffusion_vae(files, tmp_path, extra):
+@pytest.mark.usefixtures("sample_one_thread")
+def test_sample_matches_reference_from_dit_diffusion_vae(sample_files, tmp_path, extra):
     out = tmp_path / "grid.png"
-    sample.main(latent_args(files, out, "--seed", "3", *extra))
+    sample.main(sample_latent_args(sample_files, out, "--seed", "3", *extra))
     ddim = bool(extra)
-    labels = [3, 999, 0, 5, 7] if ddim else OFFICIAL_LABELS
+    labels = [3, 999, 0, 5, 7] if ddim else SAMPLE_LABELS
     # The official sample.py, written with dit.py, diffusion.py and vae.py. Its VAE loader (diffusers'
     # from_pretrained) draws no random numbers, so loading ours before seeding is the same program.
-    v = vae.load_vae(files["vae"])
+    v = vae.load_vae(sample_files["vae"])
     torch.manual_seed(3)
-    model = dit.DiT(input_size=16, num_classes=1000, **TINY)  # its init draws from the CPU generator, as official
-    model.load_state_dict(torch.load(files["raw"], weights_only=True))
+    model = dit.DiT(input_size=16, num_classes=1000, **SAMPLE_TINY)  # its init draws from the CPU generator, as official
+    model.load_state_dict(torch.load(sample_files["raw"], weights_only=True))
     model.eval()
     d = diffusion.create_diffusion("ddim4" if ddim else "4")
     z = torch.randn(len(labels), 4, 16, 16)
@@ -133,21 +135,22 @@ def test_sample_matches_reference_from_dit_diffusion_vae(files, tmp_path, extra)
         x = loop(model.forward_with_cfg, z.shape, z, clip_denoised=False, model_kwargs=kwargs, device="cpu")
         x, _ = x.chunk(2, dim=0)
         images = v.decode(x / 0.18215).numpy()
-    expected = grid_reference(images)
-    got = png(out)
+    expected = sample_grid_reference(images)
+    got = sample_png(out)
     assert got.shape == (2 * (32 + 2) + 2, 4 * (32 + 2) + 2, 3)
     assert 0.05 < (images.clip(-1, 1) == images).mean() and images.std() > 0.1  # not saturated, not flat
     assert np.array_equal(got, expected)
 
 
-def test_sample_same_seed_same_image(files, tmp_path):
-    run = lambda name, *a: (sample.main(latent_args(files, tmp_path / name, "--labels", "1", "2", *a)),
+@pytest.mark.usefixtures("sample_one_thread")
+def test_sample_same_seed_same_image(sample_files, tmp_path):
+    run = lambda name, *a: (sample.main(sample_latent_args(sample_files, tmp_path / name, "--labels", "1", "2", *a)),
                             (tmp_path / name).read_bytes())[1]
     assert run("a.png") == run("b.png")
     assert run("c.png", "--seed", "1") != run("a.png")
     bf16 = run("d.png", "--precision", "bf16")
     assert bf16 == run("e.png", "--precision", "bf16")
-    diff = np.abs(png(tmp_path / "d.png").astype(int) - png(tmp_path / "a.png").astype(int))
+    diff = np.abs(sample_png(tmp_path / "d.png").astype(int) - sample_png(tmp_path / "a.png").astype(int))
     assert 0 < diff.mean() < 8  # bf16 rounding changes pixels a little, not the picture
 
 #################################################################################
@@ -166,41 +169,45 @@ def test_sample_same_seed_same_image(files, tmp_path):
     (["--num-classes", "100"], "out of range"),                 # official labels need 1000 classes
     (["--ckpt", "missing.pt"], "is not a file"),
 ])
-def test_sample_bad_input_fails_before_sampling(files, tmp_path, capsys, change, message):
+@pytest.mark.usefixtures("sample_one_thread")
+def test_sample_bad_input_fails_before_sampling(sample_files, tmp_path, capsys, change, message):
     with pytest.raises(SystemExit) as e:
-        sample.main(latent_args(files, tmp_path / "x.png", *change))  # the last of a repeated flag wins
+        sample.main(sample_latent_args(sample_files, tmp_path / "x.png", *change))  # the last of a repeated flag wins
     assert message in str(e.value)
     assert not (tmp_path / "x.png").exists() and "sampling step" not in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("sample_one_thread")
 def test_sample_download_requires_official_model():
     with pytest.raises(SystemExit, match="only DiT-XL/2"):
-        sample.main([*TINY_ARGS, "--image-size", "32"])
+        sample.main([*SAMPLE_TINY_ARGS, "--image-size", "32"])
 
 #################################################################################
 #                                 FID sample sets                               #
 #################################################################################
 
-def pixel_fid_args(out, n, *extra):
-    return [*TINY_ARGS, "--vae", "none", "--image-size", "16", "--num-classes", "10",
+def sample_pixel_fid_args(out, n, *extra):
+    return [*SAMPLE_TINY_ARGS, "--vae", "none", "--image-size", "16", "--num-classes", "10",
             "--num-sampling-steps", "3", "--per-proc-batch-size", "2", "--num-fid-samples", str(n), "--out", str(out), *extra]
 
 
-def test_sample_fid_resume_equals_uninterrupted_run(files, tmp_path):
+@pytest.mark.usefixtures("sample_one_thread")
+def test_sample_fid_resume_equals_uninterrupted_run(sample_files, tmp_path):
     fresh, resumed = tmp_path / "fresh.npz", tmp_path / "resumed.npz"
-    sample.main(pixel_fid_args(fresh, 5, "--ckpt", files["pixel"]))
-    sample.main(pixel_fid_args(resumed, 2, "--ckpt", files["pixel"]))  # "interrupted" after one batch
+    sample.main(sample_pixel_fid_args(fresh, 5, "--ckpt", sample_files["pixel"]))
+    sample.main(sample_pixel_fid_args(resumed, 2, "--ckpt", sample_files["pixel"]))  # "interrupted" after one batch
     first = os.stat(tmp_path / "resumed_parts" / "rank000-batch000000.npz").st_mtime_ns
-    sample.main(pixel_fid_args(resumed, 5, "--ckpt", files["pixel"]))
+    sample.main(sample_pixel_fid_args(resumed, 5, "--ckpt", sample_files["pixel"]))
     assert os.stat(tmp_path / "resumed_parts" / "rank000-batch000000.npz").st_mtime_ns == first  # not redone
     a, b = np.load(fresh)["arr_0"], np.load(resumed)["arr_0"]
     assert a.shape == (5, 16, 16, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
     assert len({x.tobytes() for x in a}) == 5 and a.std() > 10
     with pytest.raises(SystemExit, match="cfg_scale"):  # finished batches of other options are never mixed in
-        sample.main(pixel_fid_args(resumed, 5, "--ckpt", files["pixel"], "--cfg-scale", "2"))
+        sample.main(sample_pixel_fid_args(resumed, 5, "--ckpt", sample_files["pixel"], "--cfg-scale", "2"))
 
 
-def test_sample_fid_two_processes_torchrun_and_resume(files, tmp_path):
+@pytest.mark.usefixtures("sample_one_thread")
+def test_sample_fid_two_processes_torchrun_and_resume(sample_files, tmp_path):
     out = tmp_path / "fid.npz"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
@@ -208,7 +215,7 @@ def test_sample_fid_two_processes_torchrun_and_resume(files, tmp_path):
     def torchrun(n):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(HERE, "sample.py"),
-               *latent_args(files, out, "--num-fid-samples", str(n), "--per-proc-batch-size", "2", "--cfg-scale", "1.5")]
+               *sample_latent_args(sample_files, out, "--num-fid-samples", str(n), "--per-proc-batch-size", "2", "--cfg-scale", "1.5")]
         r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         return np.load(out)["arr_0"]
@@ -232,25 +239,26 @@ def test_sample_fid_two_processes_torchrun_and_resume(files, tmp_path):
 #                           Default download (offline)                          #
 #################################################################################
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
+class _SampleQuiet(http.server.SimpleHTTPRequestHandler):
     requests = []
 
     def log_message(self, *args):
-        _Quiet.requests.append(self.path)
+        _SampleQuiet.requests.append(self.path)
 
 
-def test_sample_default_download_from_local_servers(files, tmp_path, monkeypatch):
+@pytest.mark.usefixtures("sample_one_thread")
+def test_sample_default_download_from_local_servers(sample_files, tmp_path, monkeypatch):
     # Stand-ins: the official DiT-XL/2 is the tiny model (so its checkpoint is small), the SD VAE a tiny one
     # that downsamples 8x, both served over HTTP from 127.0.0.1 as the two real hosts would.
-    monkeypatch.setitem(dit.DiT_models, "DiT-XL/2", lambda **kw: dit.DiT(**TINY, **kw))
+    monkeypatch.setitem(dit.DiT_models, "DiT-XL/2", lambda **kw: dit.DiT(**SAMPLE_TINY, **kw))
     root = tmp_path / "www"
     (root / "dit").mkdir(parents=True)
-    torch.save(fill_(dit.DiT(input_size=32, num_classes=1000, **TINY), seed=4, scale=0.5),
+    torch.save(sample_fill_(dit.DiT(input_size=32, num_classes=1000, **SAMPLE_TINY), seed=4, scale=0.5),
                root / "dit" / "DiT-XL-2-256x256.pt")
     v = vae.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
-    fill_(v, seed=5)
+    sample_fill_(v, seed=5)
     vae.save_vae(v, root / "stabilityai" / "sd-vae-ft-mse" / "resolve" / "main")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _Quiet(*a, directory=str(root)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _SampleQuiet(*a, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setenv("DIT_WEIGHTS_URL", url + "/dit")
@@ -258,18 +266,18 @@ def test_sample_default_download_from_local_servers(files, tmp_path, monkeypatch
     monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    _Quiet.requests.clear()
+    _SampleQuiet.requests.clear()
     args = ["--num-sampling-steps", "2", "--labels", "1", "2"]
     try:
         sample.main(args + ["--out", str(tmp_path / "a.png")])  # everything else default: DiT-XL/2, 256, mse
     finally:
         server.shutdown()
         server.server_close()
-    assert "/dit/DiT-XL-2-256x256.pt" in _Quiet.requests
-    assert "/stabilityai/sd-vae-ft-mse/resolve/main/config.json" in _Quiet.requests
-    assert png(tmp_path / "a.png").shape == (256 + 4, 2 * 256 + 6, 3)
+    assert "/dit/DiT-XL-2-256x256.pt" in _SampleQuiet.requests
+    assert "/stabilityai/sd-vae-ft-mse/resolve/main/config.json" in _SampleQuiet.requests
+    assert sample_png(tmp_path / "a.png").shape == (256 + 4, 2 * 256 + 6, 3)
     sample.main(args + ["--out", str(tmp_path / "b.png")])  # server gone: the caches are used
     sample.main(args + ["--out", str(tmp_path / "c.png"), "--ckpt", str(root / "dit" / "DiT-XL-2-256x256.pt"),
                         "--vae", str(root / "stabilityai" / "sd-vae-ft-mse" / "resolve" / "main")])
-    assert np.array_equal(png(tmp_path / "a.png"), png(tmp_path / "b.png"))
-    assert np.array_equal(png(tmp_path / "a.png"), png(tmp_path / "c.png"))
+    assert np.array_equal(sample_png(tmp_path / "a.png"), sample_png(tmp_path / "b.png"))
+    assert np.array_equal(sample_png(tmp_path / "a.png"), sample_png(tmp_path / "c.png"))
