@@ -65,7 +65,7 @@ def ddp_runs(tmp_path_factory):
     """One 2-process torchrun launch: pixel space 5 steps straight (a), 2 steps then resumed to 5 (b), and a
     latent run with a tiny VAE whose cache both ranks build (c)."""
     root = tmp_path_factory.mktemp("ddp")
-    data = write_images(root / "data", per_class=(5, 4))  # 9 images, batch 4: 2 steps per epoch
+    data = write_images(root / "data", per_class=(7, 6))  # 13 images, batch 4 on 2 ranks: 3 steps per epoch
     pixel = [*TINY, "--data-path", data, "--vae", "none", "--image-size", "16", "--num-classes", "2",
              "--global-batch-size", "4", "--ckpt-every", "2"]
     latent = [*TINY, "--data-path", data, "--vae", tiny_vae_dir(root / "vae"), "--image-size", "16",
@@ -125,12 +125,13 @@ def test_epoch_order_is_distributed_sampler():
 
 
 def test_ddp_resume_is_bit_identical(ddp_runs):
-    """2-process gloo DDP, pixel space: 5 steps straight == 2 steps + resume + 3 steps (crossing epochs)."""
+    """2-process gloo DDP, pixel space: 5 steps straight == 2 steps + resume (mid-epoch) + 3 steps (crossing
+    into the next epoch): model, EMA, optimizer and every rank's RNG bit-identical."""
     root, stdout = ddp_runs
     assert "Resuming from" in stdout
     straight = load(root / "a/000-DiT-S-8/checkpoints/0000005.pt")
     resumed = load(root / "b/000-DiT-S-8/checkpoints/0000005.pt")
-    assert resumed["step"] == straight["step"] == 5 and resumed["epoch"] == straight["epoch"] == 2
+    assert resumed["step"] == straight["step"] == 5 and resumed["epoch"] == straight["epoch"] == 1
     for part in ("model", "ema"):
         for k, v in straight[part].items():
             assert torch.equal(v, resumed[part][k]), (part, k)
@@ -140,6 +141,7 @@ def test_ddp_resume_is_bit_identical(ddp_runs):
     assert [torch.equal(a["cpu"], b["cpu"]) for a, b in zip(straight["rng"], resumed["rng"])] == [True, True]
     assert not torch.equal(straight["rng"][0]["cpu"], straight["rng"][1]["cpu"])  # one stream per rank
     first = load(root / "a/000-DiT-S-8/checkpoints/0000002.pt")
+    assert (first["epoch"], first["batch"]) == (0, 2)  # the resume point is inside an epoch
     assert not torch.equal(first["ema"]["final_layer.linear.weight"], straight["ema"]["final_layer.linear.weight"])
     assert "(step=0000005)" in open(root / "b/000-DiT-S-8/log.txt").read()  # the log goes on in the same folder
 
@@ -186,8 +188,8 @@ def test_latent_cache_ddp_and_same_inputs(ddp_runs):
     vae = vae_lib.load_vae(str(root / "vae"))
     _, samples = train.find_images(str(root / "data"))
     images, cache = train.ImageFolder(samples, 16), train.LatentCache(str(root / "cache"))
-    assert list(cache.labels) == [0] * 5 + [1] * 4
-    for i in range(9):  # rows written by both ranks
+    assert list(cache.labels) == [0] * 7 + [1] * 6
+    for i in range(13):  # rows written by both ranks
         for flip in (0, 1):
             x, y = images[(i, flip)]
             cached, label = cache[(i, flip)]
