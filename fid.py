@@ -363,11 +363,12 @@ def inception_score(logits, split_size=5000):
     return float(np.mean(scores))
 
 def _sq_distances(u, v):
-    """Pairwise squared distances (n, m); in float16 precision as the evaluator, float32 if that overflows."""
-    def d(a, b):
-        return (a.square().sum(1)[:, None] - 2 * a @ b.T + b.square().sum(1)[None]).clamp_min(0)
-    d16 = d(u.half().float(), v.half().float()).half()
-    return d16.float() if torch.isfinite(d16).all() else d(u, v)
+    """Pairwise squared distances (n, m) as the evaluator computes them: in float16, float32 on overflow."""
+    for dtype in (torch.float16, torch.float32):
+        a, b = u.to(dtype), v.to(dtype)
+        d = (a.square().sum(1)[:, None] - 2 * a @ b.T + b.square().sum(1)[None]).clamp_min(0)  # TF's op order
+        if torch.isfinite(d).all():
+            return d.float()
 
 def _radii(x, k, rows):
     """Squared distance of each point to its k-th nearest neighbour (itself excluded)."""

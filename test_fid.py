@@ -195,6 +195,13 @@ def test_inception_score_definition():
     assert fid.inception_score(logits) == pytest.approx(expected, rel=1e-9)
 
 
+def test_distances_are_float16_like_the_evaluator():
+    # 100 vs 101 in float16, op by op: 10000 - 2 * 10096 + 10200 = 8 (float32 would give 1)
+    assert fid._sq_distances(torch.tensor([[100.0]]), torch.tensor([[101.0]])).item() == 8.0
+    # 300^2 overflows float16 (max 65504): the evaluator falls back to float32
+    assert fid._sq_distances(torch.tensor([[300.0]]), torch.tensor([[301.0]])).item() == 1.0
+
+
 def test_radii_are_kth_neighbour_squared_distances():
     x = torch.arange(10.0).view(-1, 1)  # points 0..9 on a line
     radii = fid._radii(x, k=3, rows=4)
