@@ -15,12 +15,12 @@ from PIL import Image
 
 import fid
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+FID_HERE = os.path.dirname(os.path.abspath(__file__))
 # sha256 of "key<TAB>shape" lines of pt_inception-2015-12-05 (shared/golden/inception_keys.txt), 566 entries
 INCEPTION_KEYS_SHA256 = "e22ace644c9f030d9793411454945147d47bff1a80d8339955d5867176d77687"
 
 
-def fill_(state_dict, seed=0):
+def fid_fill_(state_dict, seed=0):
     """The golden README's deterministic weight fill, in place."""
     g = torch.Generator().manual_seed(seed)
     for name in sorted(state_dict):
@@ -41,7 +41,7 @@ def fill_(state_dict, seed=0):
         t.copy_(v.to(t.dtype))
 
 
-def check_summary(x, s, rtol=1e-4):
+def fid_check_summary(x, s, rtol=1e-4):
     """Compare a tensor with a golden summary (sums, strided values, 8 random projections)."""
     x = x.double().flatten()
     assert list(s["shape"])[1:] == [x.numel() // s["shape"][0]] and x.numel() == s["numel"]
@@ -55,29 +55,29 @@ def check_summary(x, s, rtol=1e-4):
 
 
 @pytest.fixture(scope="module")
-def inception():
+def fid_inception():
     """The FID Inception with the golden fill (seed 0), unfolded, in eval mode."""
     m = fid.InceptionV3()
     with torch.no_grad():
-        fill_(m.state_dict())
+        fid_fill_(m.state_dict())
     return m.eval()
 
 
 @pytest.fixture(scope="module")
-def weights_file(inception, tmp_path_factory):
+def fid_weights_file(fid_inception, tmp_path_factory):
     """The filled state_dict saved like the official .pth file."""
     path = tmp_path_factory.mktemp("weights") / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save(inception.state_dict(), path)
+    torch.save(fid_inception.state_dict(), path)
     return path
 
 
-def images(n, size, seed):
+def fid_images(n, size, seed):
     return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
 # ---------------------------------------------------------------- network
 
-def test_inception_keys_match_official_file():
+def test_fid_inception_keys_match_official_file():
     sd = fid.InceptionV3().state_dict()
     lines = "\n".join(f"{k}\t{tuple(v.shape)}" for k, v in sd.items())
     assert len(sd) == 566
@@ -85,43 +85,43 @@ def test_inception_keys_match_official_file():
 
 
 @pytest.mark.parametrize("size", ["64", "256", "299"])
-def test_golden_features(inception, size):
-    golden = json.load(open(os.path.join(HERE, "golden.json")))["inception"]
+def test_fid_golden_features(fid_inception, size):
+    golden = json.load(open(os.path.join(FID_HERE, "golden.json")))["inception"]
     assert golden["weights_seed"] == 0
     case = golden["cases"][size]
     with torch.no_grad():
-        pool3, spatial, logits = inception(images(2, int(size), int(size)))
+        pool3, spatial, logits = fid_inception(fid_images(2, int(size), int(size)))
     assert pool3.shape == (2, 2048) and spatial.shape == (2, 2023) and logits.shape == (2, 1008)
     assert pool3.dtype == spatial.dtype == logits.dtype == torch.float32
-    check_summary(pool3, case["pool3"])
-    check_summary(spatial, case["spatial_mixed6_conv_first7_nhwc"])
-    check_summary(logits, case["logits_unbiased_1008"])
+    fid_check_summary(pool3, case["pool3"])
+    fid_check_summary(spatial, case["spatial_mixed6_conv_first7_nhwc"])
+    fid_check_summary(logits, case["logits_unbiased_1008"])
 
 
-def test_load_inception_from_file_folds_batchnorm(inception, weights_file):
-    model = fid.load_inception(weights_file)
+def test_fid_load_inception_from_file_folds_batchnorm(fid_inception, fid_weights_file):
+    model = fid.load_inception(fid_weights_file)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    x = images(1, 128, 7)
+    x = fid_images(1, 128, 7)
     with torch.no_grad():
-        for a, b in zip(model(x), inception(x)):
+        for a, b in zip(model(x), fid_inception(x)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
-def test_inception_rejects_non_uint8(inception):
+def test_fid_inception_rejects_non_uint8(fid_inception):
     with pytest.raises(ValueError, match="uint8"):
-        inception(torch.rand(1, 3, 64, 64))
+        fid_inception(torch.rand(1, 3, 64, 64))
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\) in tensors"):
-        inception(torch.zeros(1, 1, 64, 64, dtype=torch.uint8))
+        fid_inception(torch.zeros(1, 1, 64, 64, dtype=torch.uint8))
 
 
 # ---------------------------------------------------------------- TF-1 resize
 
-def test_tf1_resize_identity_at_299():
-    x = images(1, 299, 3).float()
+def test_fid_tf1_resize_identity_at_299():
+    x = fid_images(1, 299, 3).float()
     assert torch.equal(fid.tf1_resize(x), x)
 
 
-def test_tf1_resize_hand_computed():
+def test_fid_tf1_resize_hand_computed():
     x = torch.tensor([[0.0, 30.0], [60.0, 90.0]]).view(1, 1, 2, 2)
     # sources 0, 2/3, 4/3; the last clamps to pixel 1 (no half-pixel offset, unlike align_corners=False)
     expected = torch.tensor([[0.0, 20.0, 30.0], [40.0, 60.0, 70.0], [60.0, 80.0, 90.0]])
@@ -141,14 +141,14 @@ def test_fid_of_a_set_with_itself_is_zero():
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
 
 
-def _psd(rng, d):
+def _fid_psd(rng, d):
     a = rng.normal(size=(d, d))
     return a @ a.T / d + 0.1 * np.eye(d)
 
 
 def test_fid_matches_closed_form_on_gaussians():
     rng = np.random.default_rng(1)
-    mu1, mu2, s1, s2 = rng.normal(size=8), rng.normal(size=8), _psd(rng, 8), _psd(rng, 8)
+    mu1, mu2, s1, s2 = rng.normal(size=8), rng.normal(size=8), _fid_psd(rng, 8), _fid_psd(rng, 8)
     # independent form: tr((S1 S2)^1/2) = tr((S1^1/2 S2 S1^1/2)^1/2), a symmetric eigenproblem
     w, v = np.linalg.eigh(s1)
     r1 = v @ np.diag(np.sqrt(w)) @ v.T
@@ -161,7 +161,7 @@ def test_fid_matches_closed_form_on_gaussians():
 
 def test_fid_singular_fallback_adds_eps(monkeypatch):
     rng = np.random.default_rng(2)
-    mu, s1, s2 = np.zeros(4), _psd(rng, 4), _psd(rng, 4)
+    mu, s1, s2 = np.zeros(4), _fid_psd(rng, 4), _fid_psd(rng, 4)
     real_sqrtm, calls = fid.linalg.sqrtm, []
     def flaky_sqrtm(a):  # the first call fails as for a singular product
         calls.append(a)
@@ -179,7 +179,7 @@ def test_fid_rejects_mismatched_statistics():
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
-def test_inception_score_definition():
+def test_fid_inception_score_definition():
     assert fid.inception_score(np.zeros((20, 1008), np.float32)) == pytest.approx(1.0, abs=1e-12)
     # confident predictions spread evenly over 5 classes -> IS 5; all one class -> IS 1
     five = 1000 * np.eye(1008, dtype=np.float32)[np.arange(10) % 5]
@@ -195,14 +195,14 @@ def test_inception_score_definition():
     assert fid.inception_score(logits) == pytest.approx(expected, rel=1e-9)
 
 
-def test_distances_are_float16_like_the_evaluator():
+def test_fid_distances_are_float16_like_the_evaluator():
     # 100 vs 101 in float16, op by op: 10000 - 2 * 10096 + 10200 = 8 (float32 would give 1)
     assert fid._sq_distances(torch.tensor([[100.0]]), torch.tensor([[101.0]])).item() == 8.0
     # 300^2 overflows float16 (max 65504): the evaluator falls back to float32
     assert fid._sq_distances(torch.tensor([[300.0]]), torch.tensor([[301.0]])).item() == 1.0
 
 
-def test_radii_are_kth_neighbour_squared_distances():
+def test_fid_radii_are_kth_neighbour_squared_distances():
     x = torch.arange(10.0).view(-1, 1)  # points 0..9 on a line
     radii = fid._radii(x, k=3, rows=4)
     # 3rd neighbour (self excluded), squared: 0 -> 3, 1 -> 3 (0, 2, 3), 4 -> 2 (3, 5, 2), 9 -> 6
@@ -210,7 +210,7 @@ def test_radii_are_kth_neighbour_squared_distances():
     assert torch.equal(radii, fid._radii(x, k=3, rows=1000))
 
 
-def test_precision_recall_on_clusters():
+def test_fid_precision_recall_on_clusters():
     rng = np.random.default_rng(4)
     a, b, c = (rng.normal(size=(100, 8)) + off for off in (0.0, 50.0, -50.0))
     # reference = clusters A and B; samples = A exactly and a far cluster C
@@ -221,7 +221,7 @@ def test_precision_recall_on_clusters():
         fid.precision_recall(a[:3], a)
 
 
-def test_precision_recall_matches_brute_force():
+def test_fid_precision_recall_matches_brute_force():
     rng = np.random.default_rng(5)  # small integers: squared distances are exact in float16
     ref, sample = rng.integers(0, 6, size=(60, 4)).astype(np.float32), rng.integers(1, 7, size=(50, 4)).astype(np.float32)
     d = lambda u, v: ((u[:, None].astype(np.float64) - v[None]) ** 2).sum(-1)
@@ -234,52 +234,52 @@ def test_precision_recall_matches_brute_force():
 
 # ---------------------------------------------------------------- image sources
 
-def _write_folder(path, x):
+def _fid_write_folder(path, x):
     os.makedirs(path, exist_ok=True)
     for i, im in enumerate(x.permute(0, 2, 3, 1).numpy()):
         Image.fromarray(im).save(os.path.join(path, f"{i:03d}.png"))
     return path
 
 
-def _batches(source, batch_size=2):
+def _fid_batches(source, batch_size=2):
     n, it = fid.image_batches(source, batch_size)
     out = torch.cat(list(it))
     assert len(out) == n
     return out
 
 
-def test_npz_folder_array_tensor_give_the_same_images(tmp_path):
-    x = images(5, 24, 9)
+def test_fid_npz_folder_array_tensor_give_the_same_images(tmp_path):
+    x = fid_images(5, 24, 9)
     nhwc = x.permute(0, 2, 3, 1).numpy()
     np.savez(tmp_path / "a.npz", nhwc)
     np.savez_compressed(tmp_path / "c.npz", nhwc)
-    folder = _write_folder(str(tmp_path / "imgs"), x)
+    folder = _fid_write_folder(str(tmp_path / "imgs"), x)
     for source in (str(tmp_path / "a.npz"), tmp_path / "c.npz", folder, nhwc, x):
-        assert torch.equal(_batches(source), x)
+        assert torch.equal(_fid_batches(source), x)
 
 
-def test_npz_and_tensor_give_the_same_features(inception, tmp_path):
-    x = images(2, 32, 10)
+def test_fid_npz_and_tensor_give_the_same_features(fid_inception, tmp_path):
+    x = fid_images(2, 32, 10)
     np.savez(tmp_path / "s.npz", x.permute(0, 2, 3, 1).numpy())
-    pool3, spatial, logits = fid.compute_features(str(tmp_path / "s.npz"), inception, batch_size=1)
+    pool3, spatial, logits = fid.compute_features(str(tmp_path / "s.npz"), fid_inception, batch_size=1)
     with torch.no_grad():
-        expected = inception(x)
+        expected = fid_inception(x)
     for a, b in zip((pool3, spatial, logits), expected):
         assert isinstance(a, np.ndarray) and a.dtype == np.float32
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
-def test_grayscale_files_become_rgb_arrays_must_be_rgb(tmp_path):
-    gray = images(2, 16, 11)[:, :1]
+def test_fid_grayscale_files_become_rgb_arrays_must_be_rgb(tmp_path):
+    gray = fid_images(2, 16, 11)[:, :1]
     for i, im in enumerate(gray[:, 0].numpy()):
         Image.fromarray(im, mode="L").save(tmp_path / f"{i}.png")
-    assert torch.equal(_batches(str(tmp_path)), gray.expand(-1, 3, -1, -1))
+    assert torch.equal(_fid_batches(str(tmp_path)), gray.expand(-1, 3, -1, -1))
     for x in (gray, gray.permute(0, 2, 3, 1).numpy(), gray[:, 0].numpy()):
         with pytest.raises(ValueError, match="repeat to 3 channels"):
             fid.image_batches(x)
 
 
-def test_bad_inputs_fail_clearly(tmp_path):
+def test_fid_bad_inputs_fail_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         fid.image_batches(str(tmp_path / "empty"))
@@ -295,29 +295,29 @@ def test_bad_inputs_fail_clearly(tmp_path):
         fid.image_batches(str(tmp_path / "k.npz"))
     with pytest.raises(ValueError, match="expected an existing .npz"):
         fid.image_batches(str(tmp_path / "missing.npz"))
-    mixed = _write_folder(str(tmp_path / "mixed"), images(2, 8, 0))
+    mixed = _fid_write_folder(str(tmp_path / "mixed"), fid_images(2, 8, 0))
     Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(os.path.join(mixed, "002.png"))
     with pytest.raises(ValueError, match="same size"):
-        _batches(mixed)
-    broken = _write_folder(str(tmp_path / "broken"), images(1, 8, 0))
+        _fid_batches(mixed)
+    broken = _fid_write_folder(str(tmp_path / "broken"), fid_images(1, 8, 0))
     open(os.path.join(broken, "001.png"), "wb").write(b"not a png")
     with pytest.raises(ValueError, match="001.png is not a readable image"):
-        _batches(broken)
+        _fid_batches(broken)
 
 
 # ---------------------------------------------------------------- weights: cache and download
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
+class _FidQuiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
 
 @pytest.fixture
-def http_root(tmp_path):
+def fid_http_root(tmp_path):
     """A local HTTP server on 127.0.0.1 serving tmp_path/www; yields (folder, base url)."""
     root = tmp_path / "www"
     root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_FidQuiet, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
@@ -325,9 +325,9 @@ def http_root(tmp_path):
     server.server_close()
 
 
-def test_download_checks_sha256_and_loads(http_root, weights_file, inception, tmp_path):
-    root, url = http_root
-    data = open(weights_file, "rb").read()
+def test_fid_download_checks_sha256_and_loads(fid_http_root, fid_weights_file, fid_inception, tmp_path):
+    root, url = fid_http_root
+    data = open(fid_weights_file, "rb").read()
     (root / "w.pth").write_bytes(data)
     dest = str(tmp_path / "cache" / "w.pth")
     with pytest.raises(RuntimeError, match="sha256"):
@@ -335,30 +335,30 @@ def test_download_checks_sha256_and_loads(http_root, weights_file, inception, tm
     assert os.listdir(tmp_path / "cache") == []  # nothing half-written is left behind
     assert fid.download(f"{url}/w.pth", hashlib.sha256(data).hexdigest(), dest) == dest
     assert open(dest, "rb").read() == data
-    model = fid.load_inception(dest)  # same bytes as weights_file, whose outputs are checked above
-    torch.testing.assert_close(model.fc.weight, inception.fc.weight, rtol=0, atol=0)
+    model = fid.load_inception(dest)  # same bytes as fid_weights_file, whose outputs are checked above
+    torch.testing.assert_close(model.fc.weight, fid_inception.fc.weight, rtol=0, atol=0)
 
 
-def test_load_inception_uses_the_cache(weights_file, tmp_path, monkeypatch):
+def test_fid_load_inception_uses_the_cache(fid_weights_file, tmp_path, monkeypatch):
     monkeypatch.setenv("DIT_CACHE", str(tmp_path))
     monkeypatch.setenv("DIT_INCEPTION_URL", "http://127.0.0.1:9/unreachable.pth")
     with pytest.raises(OSError, match="DIT_INCEPTION_URL"):  # nothing cached: the download is tried, and fails
         fid.load_inception()
     assert os.listdir(tmp_path) == []
-    os.symlink(weights_file, tmp_path / os.path.basename(fid.WEIGHTS_URL))
+    os.symlink(fid_weights_file, tmp_path / os.path.basename(fid.WEIGHTS_URL))
     assert isinstance(fid.load_inception(), fid.InceptionV3)
 
 
 # ---------------------------------------------------------------- CLI
 
-def test_cli_prints_evaluator_lines_and_saves_stats(weights_file, tmp_path, monkeypatch, capsys):
-    np.savez(tmp_path / "ref.npz", images(4, 16, 1).permute(0, 2, 3, 1).numpy())
-    np.savez(tmp_path / "samples.npz", images(4, 16, 2).permute(0, 2, 3, 1).numpy())
+def test_fid_cli_prints_evaluator_lines_and_saves_stats(fid_weights_file, tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "ref.npz", fid_images(4, 16, 1).permute(0, 2, 3, 1).numpy())
+    np.savez(tmp_path / "samples.npz", fid_images(4, 16, 2).permute(0, 2, 3, 1).numpy())
     # sqrtm of 2048 x 2048 matrices takes minutes on 2 cores: record the FID calls instead
     calls = []
     monkeypatch.setattr(fid, "frechet_distance", lambda *a: calls.append(a) or float(len(calls)))
     run = lambda *argv: (monkeypatch.setattr("sys.argv", ["fid.py", *map(str, argv)]), fid.main())
-    run(tmp_path / "ref.npz", tmp_path / "samples.npz", "--inception", weights_file,
+    run(tmp_path / "ref.npz", tmp_path / "samples.npz", "--inception", fid_weights_file,
         "--batch-size", 3, "--save-stats", tmp_path / "stats.npz")
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
@@ -367,7 +367,7 @@ def test_cli_prints_evaluator_lines_and_saves_stats(weights_file, tmp_path, monk
     assert stats["mu"].shape == (2048,) and stats["sigma_s"].shape == (2023, 2023)
     (mu, sigma, ref_mu, ref_sigma), (_, _, ref_mu_s, _) = calls
     assert mu.shape == (2048,) and np.array_equal(ref_mu, stats["mu"]) and np.array_equal(ref_mu_s, stats["mu_s"])
-    # a statistics-only reference: its stored statistics, no images for precision/recall
+    # a statistics-only reference: its stored statistics, no fid_images for precision/recall
     (mu2, sigma2), (mu_s2, sigma_s2), pool3 = fid.reference(str(tmp_path / "stats.npz"), None, 2)
     assert pool3 is None and np.array_equal(mu2, stats["mu"]) and np.array_equal(sigma_s2, stats["sigma_s"])
     with pytest.raises(ValueError, match="no images"):
