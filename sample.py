@@ -40,9 +40,9 @@ def parse_args(argv=None):
                    help="ema, mse, a Hugging Face repo id, a local VAE folder or file, or none (pixel-space DiT)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1.5 for FID)")
     p.add_argument("--num-sampling-steps", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="FID sets: process r draws with seed * world_size + r")
     p.add_argument("--ckpt", type=str, default=None,
                    help="DiT checkpoint: raw state dict or train.py checkpoint (uses its EMA weights); "
                         "default: download the official DiT-XL/2 for --image-size 256 or 512")
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast model and VAE")
     # FID sample sets (the official sample_ddp.py):
     p.add_argument("--num-fid-samples", type=int, default=None, help="write this many images with random labels")
-    p.add_argument("--per-proc-batch-size", type=int, default=32)
+    p.add_argument("--per-proc-batch-size", type=int, default=32, help="FID sets: images per process and batch")
     return p.parse_args(argv)
 
 
