@@ -457,7 +457,8 @@ def hub_file(repo, filename, revision="main", missing_ok=False):
     except urllib.error.HTTPError as e:
         if e.code == 404 and missing_ok:
             return None
-        hint = "set HF_TOKEN for a gated or private repo" if e.code in (401, 403) else "check the repo id"
+        hint = "set HF_TOKEN for a gated or private repo" if e.code in (401, 403) else \
+            "check the repo id (or, if you meant a local path, that it exists)"
         raise FileNotFoundError(f"cannot download {url}: HTTP {e.code} {e.reason}; {hint}") from None
     except urllib.error.URLError as e:
         raise ConnectionError(f"cannot download {url}: {e.reason}. Offline? Put the files in {cache_dir()} or "
