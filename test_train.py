@@ -1,5 +1,4 @@
 # Tests of train.py on the CPU: tiny DiTs, tiny image folders written by the tests, gloo DDP via torchrun.
-import glob
 import json
 import os
 import subprocess
@@ -47,34 +46,39 @@ dist.destroy_process_group()
 """
 
 
-def run_torchrun(runs, cwd, nproc=2):
-    """train.main(argv) for each argv in runs, in one torchrun launch of nproc gloo processes (1 thread each)."""
-    with open(os.path.join(cwd, "driver.py"), "w") as f:
-        f.write(DRIVER.format(repo=os.path.dirname(TRAIN)))
-    with open(os.path.join(cwd, "runs.json"), "w") as f:
-        json.dump(runs, f)
+def run_torchrun(script_and_args, cwd, nproc=2):
+    """torchrun with nproc gloo processes (1 thread each) on the CPU; returns the finished process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        "driver.py", "runs.json"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+                        *script_and_args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
 
+def run_torchrun_many(runs, cwd, nproc=2):
+    """train.main(argv) for each argv in runs, all in one torchrun launch (start-up is most of the time here)."""
+    with open(os.path.join(cwd, "driver.py"), "w") as f:
+        f.write(DRIVER.format(repo=os.path.dirname(TRAIN)))
+    with open(os.path.join(cwd, "runs.json"), "w") as f:
+        json.dump(runs, f)
+    return run_torchrun(["driver.py", "runs.json"], cwd, nproc)
+
+
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
-    """One 2-process torchrun launch: pixel space 5 steps straight (a), 2 steps then resumed to 5 (b), and a
-    latent run with a tiny VAE whose cache both ranks build (c)."""
+    """2-process gloo runs: `torchrun train.py` pixel space 5 steps straight (a); then in one more launch:
+    2 steps then resumed to 5 (b), and a latent run with a tiny VAE whose cache both ranks build (c)."""
     root = tmp_path_factory.mktemp("ddp")
     data = write_images(root / "data", per_class=(7, 6))  # 13 images, batch 4 on 2 ranks: 3 steps per epoch
     pixel = [*TINY, "--data-path", data, "--vae", "none", "--image-size", "16", "--num-classes", "2",
              "--global-batch-size", "4", "--ckpt-every", "2"]
     latent = [*TINY, "--data-path", data, "--vae", tiny_vae_dir(root / "vae"), "--image-size", "16",
               "--num-classes", "2", "--global-batch-size", "2", "--model-kwargs", TINY_LATENT]
-    r = run_torchrun([[*pixel, "--results-dir", "a", "--max-steps", "5"],
-                      [*pixel, "--results-dir", "b", "--max-steps", "2"],
+    a = run_torchrun([TRAIN, *pixel, "--results-dir", "a", "--max-steps", "5"], cwd=root)
+    r = run_torchrun_many([[*pixel, "--results-dir", "b", "--max-steps", "2"],
                       [*pixel, "--resume", "b/000-DiT-S-8", "--max-steps", "5"],
                       [*latent, "--results-dir", "c", "--latent-cache", "cache", "--max-steps", "2"]], cwd=root)
-    return root, r.stdout
+    return root, a.stdout + r.stdout
 
 
 def run_inline(args):
@@ -170,9 +174,10 @@ def test_checkpoint_layout_logging_samples_and_find_model(tmp_path):
 def test_loss_goes_down_on_a_learnable_set(tmp_path):
     """Flat colour per class: the tiny pixel DiT's loss falls several-fold within 60 steps."""
     data = write_images(tmp_path / "data", per_class=(8, 8), flat=True)
-    run_inline([*TINY, "--model-kwargs", TINY_LATENT.replace('"depth": 1', '"depth": 2'), "--data-path", data,
-                "--results-dir", str(tmp_path / "r"), "--vae", "none", "--image-size", "8", "--num-classes", "2", "--global-batch-size", "16", "--max-steps", "60",
-                "--lr", "2e-3", "--log-every", "10", "--ckpt-every", "1000"])
+    run_inline([*TINY, "--model-kwargs", '{"depth": 2, "hidden_size": 32, "num_heads": 2, "patch_size": 2}',
+                "--data-path", data, "--results-dir", str(tmp_path / "r"), "--vae", "none", "--image-size", "8",
+                "--num-classes", "2", "--global-batch-size", "16", "--max-steps", "60", "--lr", "2e-3",
+                "--log-every", "10", "--ckpt-every", "1000"])
     lines = [l for l in open(tmp_path / "r/000-DiT-S-8/log.txt") if "(step=" in l]
     losses = [float(l.split("loss ")[1].split(",")[0]) for l in lines]
     assert len(losses) == 6 and losses[-1] < 0.3 * losses[0], losses

@@ -145,7 +145,8 @@ def build_cache(path, samples, args, vae, device, logger):
     if rank == 0:  # rank 0 creates the arrays, then every rank fills its rows in place
         os.makedirs(tmp, exist_ok=True)
         for k, shape in shapes.items():
-            np.lib.format.open_memmap(os.path.join(tmp, f"{k}.npy"), "w+", np.int64 if k == "labels" else np.float32, shape)
+            dtype = np.int64 if k == "labels" else np.float32
+            np.lib.format.open_memmap(os.path.join(tmp, f"{k}.npy"), "w+", dtype, shape)
     dist.barrier()
     arrays = {k: np.load(os.path.join(tmp, f"{k}.npy"), mmap_mode="r+") for k in shapes}
     order, batch = [(i, 0) for i in range(rank, len(samples), world_size)], args.global_batch_size // world_size
@@ -255,11 +256,11 @@ def train(args, rank, world_size, device):
         with open(meta_path) as f:
             meta = json.load(f)
         if meta != json.loads(json.dumps(cache_meta(samples, args, vae))):
-            fail(f"--latent-cache {args.latent_cache} holds other images or settings (image size "
-                 f"{meta['image_size']}, vae {meta['vae']}, {meta['num_images']} images); delete it or pass another path")
+            fail(f"--latent-cache {args.latent_cache} holds other images or settings (image size {meta['image_size']}, "
+                 f"vae {meta['vae']}, {meta['num_images']} images); delete it or pass another path")
     latent_size, channels = args.image_size // factor, 3 if vae is None else vae.config["latent_channels"]
-    build = (lambda **kw: DiT(**{"patch_size": patch, **model_kwargs}, **kw)) if model_kwargs else DiT_models[args.model]
-    model = build(input_size=latent_size, in_channels=channels, num_classes=args.num_classes)
+    kwargs = dict(input_size=latent_size, in_channels=channels, num_classes=args.num_classes)
+    model = DiT(**{"patch_size": patch, **model_kwargs}, **kwargs) if model_kwargs else DiT_models[args.model](**kwargs)
     model.grad_checkpointing = args.grad_checkpointing
     ckpt = last_good = None
     if args.resume:
@@ -386,9 +387,9 @@ def train(args, rank, world_size, device):
 
             if step % args.ckpt_every == 0 or done:
                 all_reduce_checked()
-                rng = [None] * world_size
-                dist.all_gather_object(rng, {"cpu": torch.get_rng_state(),
-                                             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+                rng = [None] * world_size  # every rank's generators
+                cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+                dist.all_gather_object(rng, {"cpu": torch.get_rng_state(), "cuda": cuda_rng})
                 path = f"{experiment_dir}/checkpoints/{step:07d}.pt"
                 if rank == 0:  # written to a temporary name, then renamed: a checkpoint is complete or absent
                     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
