@@ -202,6 +202,7 @@ def test_vae_config_scaling_shift_roundtrip(tmp_path):
     assert (loaded.scaling_factor, loaded.shift_factor) == (0.3611, 0.1159)
     assert_same_vae(m, loaded)
     cfg = json.load(open(tmp_path / "flux" / "config.json"))
+    assert cfg["down_block_types"] == ["DownEncoderBlock2D"] * 2 and cfg["_class_name"] == "AutoencoderKL"  # diffusers
     for k in ("scaling_factor", "shift_factor"):
         del cfg[k]
     cfg.update(_diffusers_version="0.30.0", latents_mean=None, down_block_types=["DownEncoderBlock2D"] * 2)

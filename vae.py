@@ -315,8 +315,11 @@ def save_vae(vae, directory):
     """Write config.json + diffusion_pytorch_model.safetensors (the diffusers layout) into directory."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "config.json")
+    n = len(vae.config["block_out_channels"])  # the block types too, or diffusers would build one level
+    cfg = {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * n,
+           "up_block_types": ["UpDecoderBlock2D"] * n, **vae.config}
     with open(path + ".tmp", "w") as f:
-        json.dump({"_class_name": "AutoencoderKL", **vae.config}, f, indent=2)
+        json.dump(cfg, f, indent=2)
     os.replace(path + ".tmp", path)
     save_safetensors(vae.state_dict(), os.path.join(directory, "diffusion_pytorch_model.safetensors"))
 
