@@ -265,11 +265,13 @@ def train(args, rank, world_size, device):
     ckpt = last_good = None
     if args.resume:
         last_good = find_checkpoint(args.resume)
-        try:
-            ckpt = torch.load(last_good, map_location="cpu", weights_only=True)
-            saved = ckpt["args"] if "step" in ckpt else {}["step"]
-        except Exception as e:  # e.g. an official checkpoint: no training state, args pickled as a Namespace
+        try:  # memory-mapped: the ranks of a node share one copy in the page cache
+            ckpt = torch.load(last_good, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # e.g. the official train.py's checkpoints pickle args as a Namespace
             fail(f"--resume {last_good} is not a checkpoint written by this train.py ({type(e).__name__}: {e})")
+        if not isinstance(ckpt, dict) or "step" not in ckpt:
+            fail(f"--resume {last_good} is not a checkpoint written by this train.py (it has no training state)")
+        saved = ckpt["args"]
         for key in ("model", "model_kwargs", "image_size", "num_classes", "global_batch_size", "global_seed"):
             if saved.get(key) != getattr(args, key):
                 fail(f"--resume {last_good} was trained with --{key.replace('_', '-')} {saved.get(key)}, "
