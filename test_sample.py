@@ -78,7 +78,8 @@ def sample_files(tmp_path_factory):
     out["train"] = str(root / "train.pt")  # train.py layout: sampling must use "ema", not "model"
     torch.save({"model": {k: torch.zeros_like(v) for k, v in sd.items()}, "ema": sd, "opt": {}}, out["train"])
     out["pixel"] = str(root / "pixel.pt")
-    torch.save(sample_fill_(dit.DiT(input_size=16, in_channels=3, num_classes=10, **SAMPLE_TINY), seed=2, scale=0.5), out["pixel"])
+    pixel = dit.DiT(input_size=16, in_channels=3, num_classes=10, **SAMPLE_TINY)
+    torch.save(sample_fill_(pixel, seed=2, scale=0.5), out["pixel"])
     v = vae.AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)  # downsamples 2x
     sample_fill_(v, seed=3)
     out["vae"] = str(root / "vae")
@@ -110,7 +111,10 @@ def test_sample_grid_matches_torchvision_save_image(n):
     assert np.array_equal(grid, sample_grid_reference(x.numpy()))  # the test's own reference agrees too
 
 
-@pytest.mark.parametrize("extra", [[], ["--sampler", "ddim", "--cfg-all-channels", "--labels", "3", "999", "0", "5", "7"]])
+SAMPLE_DDIM = ["--sampler", "ddim", "--cfg-all-channels", "--labels", "3", "999", "0", "5", "7"]
+
+
+@pytest.mark.parametrize("extra", [[], SAMPLE_DDIM], ids=["ddpm", "ddim-all-channels-5-labels"])
 @pytest.mark.usefixtures("sample_one_thread")
 def test_sample_matches_reference_from_dit_diffusion_vae(sample_files, tmp_path, extra):
     out = tmp_path / "grid.png"
@@ -121,7 +125,7 @@ def test_sample_matches_reference_from_dit_diffusion_vae(sample_files, tmp_path,
     # from_pretrained) draws no random numbers, so loading ours before seeding is the same program.
     v = vae.load_vae(sample_files["vae"])
     torch.manual_seed(3)
-    model = dit.DiT(input_size=16, num_classes=1000, **SAMPLE_TINY)  # its init draws from the CPU generator, as official
+    model = dit.DiT(input_size=16, num_classes=1000, **SAMPLE_TINY)  # init draws from the CPU generator, as official
     model.load_state_dict(torch.load(sample_files["raw"], weights_only=True))
     model.eval()
     d = diffusion.create_diffusion("ddim4" if ddim else "4")
@@ -144,8 +148,10 @@ def test_sample_matches_reference_from_dit_diffusion_vae(sample_files, tmp_path,
 
 @pytest.mark.usefixtures("sample_one_thread")
 def test_sample_same_seed_same_image(sample_files, tmp_path):
-    run = lambda name, *a: (sample.main(sample_latent_args(sample_files, tmp_path / name, "--labels", "1", "2", *a)),
-                            (tmp_path / name).read_bytes())[1]
+    def run(name, *extra):
+        sample.main(sample_latent_args(sample_files, tmp_path / name, "--labels", "1", "2", *extra))
+        return (tmp_path / name).read_bytes()
+
     assert run("a.png") == run("b.png")
     assert run("c.png", "--seed", "1") != run("a.png")
     bf16 = run("d.png", "--precision", "bf16")
@@ -188,7 +194,8 @@ def test_sample_download_requires_official_model():
 
 def sample_pixel_fid_args(out, n, *extra):
     return [*SAMPLE_TINY_ARGS, "--vae", "none", "--image-size", "16", "--num-classes", "10",
-            "--num-sampling-steps", "3", "--per-proc-batch-size", "2", "--num-fid-samples", str(n), "--out", str(out), *extra]
+            "--num-sampling-steps", "3", "--per-proc-batch-size", "2", "--num-fid-samples", str(n),
+            "--out", str(out), *extra]
 
 
 @pytest.mark.usefixtures("sample_one_thread")
@@ -210,12 +217,12 @@ def test_sample_fid_resume_equals_uninterrupted_run(sample_files, tmp_path):
 def test_sample_fid_two_processes_torchrun_and_resume(sample_files, tmp_path):
     out = tmp_path / "fid.npz"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
 
     def torchrun(n):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(HERE, "sample.py"),
-               *sample_latent_args(sample_files, out, "--num-fid-samples", str(n), "--per-proc-batch-size", "2", "--cfg-scale", "1.5")]
+               *sample_latent_args(sample_files, out, "--num-fid-samples", str(n), "--per-proc-batch-size", "2",
+                                   "--cfg-scale", "1.5")]
         r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         return np.load(out)["arr_0"]
