@@ -266,7 +266,8 @@ def test_bad_inputs_fail_before_compute(tmp_path):
              (["--data-path", str(tmp_path / "empty/cls"), "--image-size", "16"], "has no class sub-folders"),
              (["--data-path", str(tmp_path / "empty"), "--image-size", "16"], "has no images"),
              (["--data-path", data, "--image-size", "20"], "--image-size 20 is not a multiple of 8"),
-             (["--data-path", data, "--image-size", "16", "--latent-cache", "x"], "--latent-cache needs a VAE")]
+             (["--data-path", data, "--image-size", "16", "--latent-cache", "x"], "--latent-cache needs a VAE"),
+             (["--data-path", data, "--image-size", "16", "--model-kwargs", "depth=2"], "must be a JSON object")]
     for extra, message in cases:
         with pytest.raises(SystemExit, match=message):
             run_inline([*base, *extra])

@@ -236,7 +236,10 @@ def train(args, rank, world_size, device):
              f"use a multiple of {world_size}")
     if args.latent_cache and args.vae == "none":
         fail("--latent-cache needs a VAE; drop it for pixel-space training (--vae none)")
-    model_kwargs = json.loads(args.model_kwargs)  # a JSON object, e.g. {"depth": 4}
+    try:
+        model_kwargs = dict(json.loads(args.model_kwargs))
+    except (ValueError, TypeError) as e:
+        fail(f"--model-kwargs must be a JSON object such as '{{\"depth\": 4}}' ({e})")
     args.model_kwargs = json.dumps(model_kwargs, sort_keys=True)  # canonical: compared on resume
     classes, samples = find_images(args.data_path)
     if args.num_classes != 1 and len(classes) > args.num_classes:
