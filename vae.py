@@ -244,9 +244,10 @@ def load_vae(name_or_path="stabilityai/sd-vae-ft-ema", device="cpu", dtype=torch
         cfg = dict(latent_channels=sd["decoder.conv_in.weight"].shape[1], layers_per_block=1 + max(convs)[1],
                    block_out_channels=[c for (_, i), c in sorted(convs.items()) if i == 0],
                    use_quant_conv="quant_conv.weight" in sd, use_post_quant_conv="post_quant_conv.weight" in sd)
-    vae = AutoencoderKL(**cfg)
+    with torch.device("meta"):  # no random init: it would be thrown away, and would use up the global RNG
+        vae = AutoencoderKL(**cfg)
     try:
-        vae.load_state_dict(sd)  # strict: a key missing, left over or of another shape is an error
+        vae.load_state_dict(sd, assign=True)  # strict: a key missing, left over or of another shape is an error
     except RuntimeError as e:  # torch names them all (a line per kind or per shape): show the first three
         raise ValueError(f"{weights} does not fit the VAE of {config or 'its weight shapes'}: "
                          + "; ".join(line.strip()[:300] for line in str(e).split("\n\t")[1:4])) from None
