@@ -144,6 +144,17 @@ def test_dit_init_consumes_rng_like_official():
     assert torch.randn(3).tolist() == pytest.approx(OFFICIAL_INIT["next_randn"], abs=1e-7)
 
 
+def test_bf16_autocast_matches_fp32():
+    # Under CPU autocast the attention runs as plain matmuls (faster backward); it must be the same function.
+    model, g = golden_dit()
+    x, t, y = randn(g["x_shape"], g["x_seed"]), torch.tensor(g["t"]), torch.tensor(g["y"])
+    with torch.no_grad():
+        ref = model(x, t, y)
+        with torch.autocast("cpu", torch.bfloat16):
+            out = model(x, t, y).float()
+    assert (out - ref).norm() / ref.norm() < 0.02
+
+
 PAPER_GFLOPS = {  # Table 4 of the paper, 256x256 images
     "DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06, "DiT-B/8": 1.42, "DiT-B/4": 5.56, "DiT-B/2": 23.01,
     "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71, "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64}
