@@ -55,8 +55,7 @@ class InceptionA(nn.Module):  # Mixed_5b..5d, 35x35
         self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x),
-                          self.branch5x5_2(self.branch5x5_1(x)),
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
                           self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
                           self.branch_pool(avg_pool(x))], 1)
 
@@ -129,10 +128,8 @@ class InceptionE(nn.Module):  # Mixed_7b (average pool branch), Mixed_7c (max po
         b3 = self.branch3x3_1(x)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool(x)
-        return torch.cat([self.branch1x1(x),
-                          self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd),
-                          self.branch_pool(pool)], 1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd), self.branch_pool(pool)], 1)
 
 def tf1_resize(x, size=299):
     """Bilinear resize of (N, C, H, W) floats as TF-1's legacy ResizeBilinear (no half-pixel offset)."""
@@ -280,20 +277,17 @@ def _folder_batches(path, batch_size):
     def load(file):
         try:
             with Image.open(file) as im:
-                return np.asarray(im.convert("RGB"))
+                im = np.asarray(im.convert("RGB"))
         except OSError as e:
             raise ValueError(f"{file} is not a readable image: {e}") from None
-    def batches():
-        size = None
-        for i in range(0, len(files), batch_size):
-            ims = [load(f) for f in files[i:i + batch_size]]
-            size = size or ims[0].shape
-            for f, im in zip(files[i:i + batch_size], ims):
-                if im.shape != size:
-                    raise ValueError(f"{f} is {im.shape[1]}x{im.shape[0]}, {files[0]} is {size[1]}x{size[0]}: "
-                                     f"all images must have the same size")
-            yield torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2)
-    return len(files), batches()
+        if first is not None and im.shape != first.shape:
+            raise ValueError(f"{file} is {im.shape[1]}x{im.shape[0]}, {files[0]} is {first.shape[1]}x"
+                             f"{first.shape[0]}: all images must have the same size")
+        return im
+    first = None
+    first = load(files[0])
+    return len(files), (torch.from_numpy(np.stack([load(f) for f in files[i:i + batch_size]])).permute(0, 3, 1, 2)
+                        for i in range(0, len(files), batch_size))
 
 def image_batches(images, batch_size=50):
     """(count, iterator of uint8 (B, 3, H, W)): from a .npz path, a folder, a numpy array (N, H, W, 3)
@@ -338,7 +332,8 @@ def statistics(features):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2); eps on the diagonals if the product is singular."""
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics of different features: {mu1.shape} vs {mu2.shape}, {sigma1.shape} vs {sigma2.shape}")
+        raise ValueError(f"statistics of different features: {mu1.shape} vs {mu2.shape}, "
+                         f"{sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
