@@ -26,7 +26,7 @@ GOLDEN = json.load(open(os.path.join(HERE, "golden.json")))
 #                                 Shared helpers                                #
 #################################################################################
 
-def fill_(state_dict, seed):
+def fill_(state_dict, seed=0):
     """The golden weight fill (see golden.json's provenance): deterministic values on sorted key names."""
     g = torch.Generator().manual_seed(seed)
     for name in sorted(state_dict):
@@ -64,6 +64,15 @@ def assert_summary(x, ref, rtol=1e-4, atol=1e-4):
     for k, p in enumerate(ref["proj8"]):
         proj = torch.dot(x, torch.randn(x.numel(), generator=torch.Generator().manual_seed(12345 + k), dtype=torch.float64))
         assert proj.item() == pytest.approx(p, rel=rtol, abs=atol * scale * x.numel() ** 0.5), f"proj8[{k}]"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests run tiny models: one thread is faster, and torchrun children start 2 processes of their own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
