@@ -1,8 +1,7 @@
 """
-FID, sFID, Inception Score, precision and recall as the ADM evaluator defines them
-(openai/guided-diffusion evaluations/evaluator.py, the suite behind the DiT paper's numbers),
-with PyTorch instead of TensorFlow. The network is the 2015-12-05 TF Inception v3 as ported by
-pytorch-fid / torch-fidelity (pt_inception-2015-12-05-6726825d.pth, loaded strictly).
+FID, sFID, Inception Score, precision and recall as the ADM evaluator (guided-diffusion evaluations/
+evaluator.py, behind the DiT paper's numbers) defines them, in PyTorch instead of TensorFlow, with the
+2015-12-05 TF Inception v3 as ported by pytorch-fid / torch-fidelity (pt_inception-2015-12-05-6726825d.pth).
 
     python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz     # prints IS, FID, sFID, P, R
     python fid.py ref_images/ --save-stats ref_stats.npz            # reference statistics only
@@ -29,15 +28,28 @@ WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129
 #                    Inception v3, FID variant (TF graph 2015-12-05)             #
 #################################################################################
 
-class BasicConv2d(nn.Module):
-    """Convolution without bias, BatchNorm (TF's eps 0.001), ReLU."""
-    def __init__(self, cin, cout, **kw):
+class ConvBN(nn.Module):
+    """Convolution without bias, BatchNorm (TF's eps 0.001), ReLU; size-preserving padding unless strided."""
+    def __init__(self, cin, cout, kernel_size, stride=1, padding="same"):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding if stride == 1 else 0, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
     def forward(self, x):
         return F.relu_(self.bn(self.conv(x)))
+
+def chain(block, name, cin, *convs):
+    """Add ConvBN block.name_1, name_2, ... (official names), each (cout, kernel[, stride]) feeding the next."""
+    for i, (cout, *k) in enumerate(convs, 1):
+        block.add_module(f"{name}_{i}", ConvBN(cin, cout, *k))
+        cin = cout
+    return [getattr(block, f"{name}_{i}") for i in range(1, len(convs) + 1)]  # in order, for run()
+
+def run(layers, x):
+    """x through a chain of layers."""
+    for layer in layers:
+        x = layer(x)
+    return x
 
 def avg_pool(x):
     # the TF graph averages over valid pixels only at the borders (count_include_pad=False)
@@ -46,87 +58,56 @@ def avg_pool(x):
 class InceptionA(nn.Module):  # Mixed_5b..5d, 35x35
     def __init__(self, cin, pool_features):
         super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+        self.branch1x1 = ConvBN(cin, 64, 1)
+        self.b5 = chain(self, "branch5x5", cin, (48, 1), (64, 5))
+        self.b3 = chain(self, "branch3x3dbl", cin, (64, 1), (96, 3), (96, 3))
+        self.branch_pool = ConvBN(cin, pool_features, 1)
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          self.branch_pool(avg_pool(x))], 1)
+        return torch.cat([self.branch1x1(x), run(self.b5, x), run(self.b3, x), self.branch_pool(avg_pool(x))], 1)
 
 class InceptionB(nn.Module):  # Mixed_6a, 35x35 -> 17x17
     def __init__(self, cin):
         super().__init__()
-        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+        self.branch3x3 = ConvBN(cin, 384, 3, stride=2)
+        self.b3 = chain(self, "branch3x3dbl", cin, (64, 1), (96, 3), (96, 3, 2))
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat([self.branch3x3(x), run(self.b3, x), F.max_pool2d(x, 3, stride=2)], 1)
 
 class InceptionC(nn.Module):  # Mixed_6b..6e, 17x17, factorized 7x7 convolutions
     def __init__(self, cin, c7):
         super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
-
-    def branches(self, x):
-        """The four branch outputs; Mixed_6d's branch1x1 is also the sFID feature map."""
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = self.branch7x7dbl_1(x)
-        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(bd))))
-        return [self.branch1x1(x), b7, bd, self.branch_pool(avg_pool(x))]
+        self.branch1x1 = ConvBN(cin, 192, 1)
+        self.b7 = chain(self, "branch7x7", cin, (c7, 1), (c7, (1, 7)), (192, (7, 1)))
+        self.b7dbl = chain(self, "branch7x7dbl", cin, (c7, 1), (c7, (7, 1)), (c7, (1, 7)), (c7, (7, 1)), (192, (1, 7)))
+        self.branch_pool = ConvBN(cin, 192, 1)
 
     def forward(self, x):
-        return torch.cat(self.branches(x), 1)
+        return torch.cat([self.branch1x1(x), run(self.b7, x), run(self.b7dbl, x), self.branch_pool(avg_pool(x))], 1)
 
 class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
     def __init__(self, cin):
         super().__init__()
-        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+        self.b3 = chain(self, "branch3x3", cin, (192, 1), (320, 3, 2))
+        self.b7 = chain(self, "branch7x7x3", cin, (192, 1), (192, (1, 7)), (192, (7, 1)), (192, 3, 2))
 
     def forward(self, x):
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat([run(self.b3, x), run(self.b7, x), F.max_pool2d(x, 3, stride=2)], 1)
 
 class InceptionE(nn.Module):  # Mixed_7b (average pool branch), Mixed_7c (max pool branch), 8x8
     def __init__(self, cin, max_pool):
         super().__init__()
         self.max_pool = max_pool  # the TF graph's last block pools with max, not average
-        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch1x1 = ConvBN(cin, 320, 1)
+        self.branch3x3_1 = ConvBN(cin, 384, 1)  # split into 1x3 and 3x1 side by side
+        self.branch3x3_2a, self.branch3x3_2b = ConvBN(384, 384, (1, 3)), ConvBN(384, 384, (3, 1))
+        self.bd = chain(self, "branch3x3dbl", cin, (448, 1), (384, 3))
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = ConvBN(384, 384, (1, 3)), ConvBN(384, 384, (3, 1))
+        self.branch_pool = ConvBN(cin, 192, 1)
 
     def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3, bd = self.branch3x3_1(x), run(self.bd, x)
         pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool(x)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
                           self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd), self.branch_pool(pool)], 1)
@@ -149,22 +130,17 @@ class InceptionV3(nn.Module):
     """uint8 images (N, 3, H, W) -> pool3 (N, 2048), sFID spatial (N, 2023), unbiased logits (N, 1008)."""
     def __init__(self):
         super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = ConvBN(32, 32, 3, padding=0)
+        self.Conv2d_2b_3x3 = ConvBN(32, 64, 3)
+        self.Conv2d_3b_1x1 = ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3, padding=0)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
         self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, c7=128)
-        self.Mixed_6c = InceptionC(768, c7=160)
-        self.Mixed_6d = InceptionC(768, c7=160)
-        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, c7=128), InceptionC(768, c7=160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, c7=160), InceptionC(768, c7=192)
         self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, max_pool=False)
-        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
         self.fc = nn.Linear(2048, 1008)  # 1008 classes; its bias is in the file but unused here
 
     def forward(self, images):
@@ -172,13 +148,12 @@ class InceptionV3(nn.Module):
         x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)  # (N, 3, 299, 299)
         x = self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))
         x = F.max_pool2d(self.Conv2d_2b_3x3(x), 3, stride=2)                # (N, 64, 73, 73)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, 3, stride=2)                                     # (N, 192, 35, 35)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)  # (N, 192, 35, 35)
         x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))    # (N, 768, 17, 17)
-        x = self.Mixed_6c(self.Mixed_6b(x))
-        b = self.Mixed_6d.branches(x)
-        spatial = b[0][:, :7].permute(0, 2, 3, 1).flatten(1)                 # (N, 17 * 17 * 7) in NHWC order
-        x = self.Mixed_6e(torch.cat(b, 1))
+        x = self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x)))
+        # sFID's features: the first 7 channels of Mixed_6d's branch1x1, which leads its concatenation
+        spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)                    # (N, 17 * 17 * 7) in NHWC order
+        x = self.Mixed_6e(x)
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                   # (N, 2048, 8, 8)
         pool3 = x.mean((2, 3))                                               # (N, 2048)
         logits = pool3 @ self.fc.weight.T                                    # (N, 1008), no bias, as ADM's IS
@@ -212,17 +187,6 @@ def download(url, sha256, dest):
             os.remove(tmp)
     return dest
 
-@torch.no_grad()
-def fold_batchnorm_(model):
-    """Fold every BatchNorm into its convolution: same function for inference, one pass less per layer."""
-    for m in model.modules():
-        if isinstance(m, BasicConv2d) and isinstance(m.bn, nn.BatchNorm2d):
-            scale = m.bn.weight * (m.bn.running_var + m.bn.eps).rsqrt()            # (cout,)
-            m.conv.weight.mul_(scale[:, None, None, None])
-            m.conv.bias = nn.Parameter(m.bn.bias - m.bn.running_mean * scale)
-            m.bn = nn.Identity()
-    return model
-
 def load_inception(path=None, device="cpu"):
     """The FID Inception in eval mode, from path or the cached download ($DIT_CACHE, ~/.cache/dit)."""
     if path is None:
@@ -232,7 +196,13 @@ def load_inception(path=None, device="cpu"):
     with torch.device("meta"):  # no random init: every tensor comes from the file
         model = InceptionV3()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), assign=True)  # strict
-    fold_batchnorm_(model)
+    with torch.no_grad():  # fold each BatchNorm into its convolution: same function, one pass less per layer
+        for m in model.modules():
+            if isinstance(m, ConvBN):
+                scale = m.bn.weight * (m.bn.running_var + m.bn.eps).rsqrt()            # (cout,)
+                m.conv.weight.mul_(scale[:, None, None, None])
+                m.conv.bias = nn.Parameter(m.bn.bias - m.bn.running_mean * scale)
+                m.bn = nn.Identity()
     # channels-last lets oneDNN / cuDNN run the convolutions without layout conversions
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
 
@@ -255,8 +225,7 @@ def _npz_batches(path, batch_size):
         raise ValueError(f"{path} has no images (arr_0), only {[n[:-4] for n in z.namelist()]}; ADM "
                          f".npz files hold uint8 images (N, H, W, 3) as arr_0: np.savez(path, images)")
     f = z.open("arr_0.npy")
-    version = np.lib.format.read_magic(f)
-    shape, fortran, dtype = getattr(np.lib.format, "read_array_header_%d_%d" % version)(f)
+    shape, fortran, dtype = getattr(np.lib.format, "read_array_header_%d_%d" % np.lib.format.read_magic(f))(f)
     if dtype != np.uint8 or fortran or len(shape) != 4 or shape[-1] != 3:
         raise ValueError(f"{path}: arr_0 must be C-ordered uint8 RGB images (N, H, W, 3), got {dtype} {shape}")
     def batches():
@@ -274,7 +243,7 @@ def _folder_batches(path, batch_size):
              if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp"))]
     if not files:
         raise ValueError(f"{path}: no images (.png, .jpg, .jpeg, .bmp, .webp) in this folder")
-    def load(file):
+    def load(file, first=None):
         try:
             with Image.open(file) as im:
                 im = np.asarray(im.convert("RGB"))
@@ -284,14 +253,12 @@ def _folder_batches(path, batch_size):
             raise ValueError(f"{file} is {im.shape[1]}x{im.shape[0]}, {files[0]} is {first.shape[1]}x"
                              f"{first.shape[0]}: all images must have the same size")
         return im
-    first = None
     first = load(files[0])
-    return len(files), (torch.from_numpy(np.stack([load(f) for f in files[i:i + batch_size]])).permute(0, 3, 1, 2)
-                        for i in range(0, len(files), batch_size))
+    batches = ([load(f, first) for f in files[i:i + batch_size]] for i in range(0, len(files), batch_size))
+    return len(files), (torch.from_numpy(np.stack(b)).permute(0, 3, 1, 2) for b in batches)  # (B, 3, H, W)
 
 def image_batches(images, batch_size=50):
-    """(count, iterator of uint8 (B, 3, H, W)): from a .npz path, a folder, a numpy array (N, H, W, 3)
-    or a tensor (N, 3, H, W)."""
+    """(count, iterator of uint8 (B, 3, H, W)) from a .npz, a folder, an array (N, H, W, 3) or a tensor (N, 3, H, W)."""
     if isinstance(images, (str, os.PathLike)):
         images = os.fspath(images)
         if os.path.isdir(images):
@@ -332,8 +299,7 @@ def statistics(features):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2); eps on the diagonals if the product is singular."""
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics of different features: {mu1.shape} vs {mu2.shape}, "
-                         f"{sigma1.shape} vs {sigma2.shape}")
+        raise ValueError(f"statistics of different features: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
@@ -376,8 +342,7 @@ def precision_recall(ref, sample, k=3, rows=1000, device="cpu"):
         raise ValueError(f"precision/recall need at least {k + 1} images per set, got {len(ref)} and {len(sample)}")
     ref, sample = (torch.from_numpy(np.asarray(a, np.float32)).to(device) for a in (ref, sample))
     r_ref, r_sample = _radii(ref, k, rows), _radii(sample, k, rows)
-    in_ref = torch.zeros(len(sample), dtype=torch.bool, device=device)
-    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
+    in_ref, ref_in = (torch.zeros(len(a), dtype=torch.bool, device=device) for a in (sample, ref))
     for i in range(0, len(ref), rows):
         d = _sq_distances(ref[i:i + rows], sample)                   # (rows, N_sample)
         ref_in[i:i + rows] = (d <= r_sample[None]).any(1)
@@ -389,8 +354,7 @@ def precision_recall(ref, sample, k=3, rows=1000, device="cpu"):
 #################################################################################
 
 def reference(path, model, batch_size):
-    """((mu, sigma), (mu_s, sigma_s), pool3 or None): statistics stored in an ADM reference .npz are
-    used as the evaluator uses them; pool3 features (for precision/recall) need its images."""
+    """((mu, sigma), (mu_s, sigma_s), pool3 or None): a reference .npz's stored statistics win, as in the evaluator."""
     z = np.load(path) if str(path).endswith(".npz") and os.path.isfile(path) else {}
     stored = ((z["mu"], z["sigma"]), (z["mu_s"], z["sigma_s"])) if "mu" in z else None
     if stored and "arr_0" not in z:
@@ -424,9 +388,7 @@ def main():
     if ref_pool is None:
         print("Precision/Recall: skipped, the reference file has statistics but no images (arr_0)")
         return
-    precision, recall = precision_recall(ref_pool, pool, device=args.device)
-    print("Precision:", precision)
-    print("Recall:", recall)
+    print("Precision: {}\nRecall: {}".format(*precision_recall(ref_pool, pool, device=args.device)))
 
 if __name__ == "__main__":
     main()
