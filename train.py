@@ -3,18 +3,13 @@ Train DiT ("Scalable Diffusion Models with Transformers", Peebles & Xie) with Py
 
     python train.py --model DiT-S/2 --data-path /data/train                  # one process, GPU or CPU
     torchrun --nproc_per_node=8 train.py --model DiT-XL/2 --data-path /imagenet/train
-    torchrun --nnodes=4 --node_rank=$R --nproc_per_node=8 --rdzv_backend=c10d \
-        --rdzv_endpoint=$HOST:29500 train.py --model DiT-XL/2 --data-path /imagenet/train
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 train.py ...  # 4 nodes
 
-The official recipe, flags, defaults and results layout (AdamW 1e-4, no weight decay, EMA 0.9999, label
-dropout 0.1, 1000-step linear diffusion, ADM center crop + random flip), plus exact resume (--resume), a
-latent cache (--latent-cache), pixel-space DiTs (--vae none) and opt-in speed options (--precision, --tf32,
---compile, --grad-checkpointing). Without a GPU it runs on the CPU with the gloo backend.
+Official recipe, flags and results layout; exact --resume, --latent-cache, --vae none, opt-in speed options.
 """
 import argparse
 import glob
 import json
-import logging
 import math
 import os
 import sys
@@ -45,20 +40,14 @@ def fail(message):
 
 def find_images(root):
     """(classes, [(path, label)]) for root/<class>/**/<image>, in torchvision ImageFolder's order."""
-    if not os.path.isdir(root):
-        fail(f"--data-path {root} is not a directory; pass a folder with one sub-folder of images per class")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir()) if os.path.isdir(root) else []
     if not classes:
-        fail(f"--data-path {root} has no class sub-folders; put the images in {root}/<class name>/ "
-             "(one sub-folder for unconditional data)")
-    samples = []
-    for label, name in enumerate(classes):
-        count = len(samples)
-        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            samples += [(os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if len(samples) == count:
-            fail(f"class folder {os.path.join(root, name)} has no images ({' '.join(IMAGE_EXTENSIONS)}); "
-                 "add some or remove the folder")
+        fail(f"--data-path {root} is not a directory with class sub-folders; put the images in {root}/<class>/")
+    samples = [(os.path.join(folder, f), label) for label, name in enumerate(classes)
+               for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True))
+               for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not samples:
+        fail(f"--data-path {root} has no images ({' '.join(IMAGE_EXTENSIONS)}) in its class folders; add some")
     return classes, samples
 
 
@@ -74,8 +63,7 @@ def center_crop_arr(pil_image, image_size):
 
 
 class ImageFolder(Dataset):
-    """Item (index, flip) -> (image (3, H, W) in [-1, 1], label). An unreadable file is named and replaced
-    by the next readable one: a corrupt image must not kill a multi-day run, nor go unnoticed."""
+    """Item (index, flip) -> (image (3, H, W) in [-1, 1], label); an unreadable file is named and skipped."""
 
     def __init__(self, samples, image_size):
         self.samples, self.image_size = samples, image_size
@@ -88,7 +76,7 @@ class ImageFolder(Dataset):
                 with Image.open(path) as image:
                     arr = center_crop_arr(image.convert("RGB"), self.image_size)
                 break
-            except Exception as e:
+            except Exception as e:  # the next image instead: a corrupt file must not kill a multi-day run
                 print(f"train.py: warning: skipping unreadable image {path} ({e})", file=sys.stderr, flush=True)
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255).sub_(0.5).div_(0.5)
         return (x.flip(-1) if flip else x), label  # ToTensor + Normalize(0.5, 0.5), bit for bit
@@ -98,21 +86,20 @@ class LatentCache(Dataset):
     """Item (index, flip) -> (VAE posterior mean and std stacked (2, C, h, w), label), from build_cache's files."""
 
     def __init__(self, path):
-        self.path, self.arrays, self.labels = path, None, np.load(os.path.join(path, "labels.npy"))
+        self.path, self.latents, self.labels = path, None, np.load(os.path.join(path, "labels.npy"))
 
     def __getitem__(self, item):
         index, flip = item
-        if self.arrays is None:  # mapped lazily: each loader worker maps the files itself
-            self.arrays = [np.load(os.path.join(self.path, f"{k}.npy"), mmap_mode="r") for k in ("mean", "std")]
-        return torch.from_numpy(np.stack([a[index, flip] for a in self.arrays])), int(self.labels[index])
+        if self.latents is None:  # mapped lazily: each loader worker maps the file itself
+            self.latents = np.load(os.path.join(self.path, "latents.npy"), mmap_mode="r")
+        return torch.from_numpy(np.array(self.latents[index, flip])), int(self.labels[index])
 
 
 def epoch_order(n, epoch, seed, rank, world_size):
-    """This rank's (index, flip) items of an epoch: DistributedSampler's shuffle and padding, one flip bit per
-    image. The flips are part of the data order, so resuming restores them and loader workers need no RNG."""
+    """This rank's (index, flip) items of an epoch: DistributedSampler's shuffle and padding, a flip bit per image."""
     g = torch.Generator().manual_seed(seed + epoch)
     perm = torch.randperm(n, generator=g).tolist()  # the same order as DistributedSampler(seed=seed)
-    flips = torch.randint(0, 2, (n,), generator=g).tolist()
+    flips = torch.randint(0, 2, (n,), generator=g).tolist()  # in the data order: resumable, loader workers need no RNG
     total = math.ceil(n / world_size) * world_size
     perm = (perm * math.ceil(total / n))[:total]
     return [(i, flips[i]) for i in perm[rank:total:world_size]]
@@ -127,113 +114,65 @@ def to_latent(x, vae, cached):
     return (z - vae.shift_factor) * vae.scaling_factor
 
 
-def cache_meta(samples, args, vae):
-    """What a latent cache depends on; a cache built with other values is refused."""
-    return {"image_size": args.image_size, "vae": args.vae, "num_images": len(samples),
-            "files": [os.path.relpath(p, args.data_path) for p, _ in samples[:: max(1, len(samples) // 1000)]],
-            "scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor}
-
-
 @torch.no_grad()
-def build_cache(path, samples, args, vae, device, logger):
-    """Encode every image and its mirror once (ranks share the work) and store the posterior mean and std, not
-    one sample, so that training still draws a fresh latent at every step as the official script does."""
+def build_cache(path, meta, samples, args, vae, device, log):
+    """Encode every image and its mirror once, the ranks sharing the work, into path's latents.npy and labels.npy."""
     rank, world_size, tmp = dist.get_rank(), dist.get_world_size(), path + ".tmp"
     size = args.image_size // vae.downsample_factor
-    shape = (len(samples), 2, vae.config["latent_channels"], size, size)  # (N, flip, C, h, w)
-    shapes = {"mean": shape, "std": shape, "labels": (len(samples),)}
-    if rank == 0:  # rank 0 creates the arrays, then every rank fills its rows in place
+    shapes = {"latents": ((len(samples), 2, 2, vae.config["latent_channels"], size, size), np.float32),
+              "labels": ((len(samples),), np.int64)}  # (N, flip, mean/std, C, h, w): the posterior, not one sample, so
+    if rank == 0:  # training still draws a fresh latent per step, as official. Rank 0 creates, every rank fills
         os.makedirs(tmp, exist_ok=True)
-        for k, shape in shapes.items():
-            dtype = np.int64 if k == "labels" else np.float32
+        for k, (shape, dtype) in shapes.items():
             np.lib.format.open_memmap(os.path.join(tmp, f"{k}.npy"), "w+", dtype, shape)
     dist.barrier()
-    arrays = {k: np.load(os.path.join(tmp, f"{k}.npy"), mmap_mode="r+") for k in shapes}
-    order, batch = [(i, 0) for i in range(rank, len(samples), world_size)], args.global_batch_size // world_size
-    loader = DataLoader(ImageFolder(samples, args.image_size), batch_size=batch, sampler=order,
+    latents, labels = (np.load(os.path.join(tmp, f"{k}.npy"), mmap_mode="r+") for k in shapes)
+    rows, batch = list(range(rank, len(samples), world_size)), args.global_batch_size // world_size
+    loader = DataLoader(ImageFolder(samples, args.image_size), batch_size=batch, sampler=[(i, 0) for i in rows],
                         num_workers=args.num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
     start = time.time()
     for b, (x, y) in enumerate(loader):
-        rows = [i for i, _ in order[b * batch: (b + 1) * batch]]
         posterior = vae.encode(torch.cat([x, x.flip(-1)]).to(device))  # images, then their mirrors: (2B, C, h, w)
-        for k in ("mean", "std"):
-            arrays[k][rows] = getattr(posterior, k).float().unflatten(0, (2, -1)).transpose(0, 1).cpu().numpy()
-        arrays["labels"][rows] = y.numpy()
-        if rank == 0 and (b % 20 == 0 or b == len(loader) - 1):
+        stats = torch.stack([posterior.mean, posterior.std], 1).float().unflatten(0, (2, -1))  # (2, B, 2, C, h, w)
+        these = rows[b * batch: (b + 1) * batch]
+        latents[these], labels[these] = stats.transpose(0, 1).cpu().numpy(), y.numpy()
+        if rank == 0 and b % 20 == 0:
             done = min(len(samples), (b + 1) * batch * world_size)
             eta = (time.time() - start) / done * (len(samples) - done)
             print(f"latent cache: {done}/{len(samples)} images, eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
-    for a in arrays.values():
-        a.flush()
+    latents.flush()
+    labels.flush()
     dist.barrier()
     if rank == 0:  # meta.json last, then one rename: a cache folder is either complete or absent
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(cache_meta(samples, args, vae), f)
+            json.dump(meta, f)
         os.replace(tmp, path)
-        logger.info(f"Wrote latent cache {path}: {len(samples):,} images x 2 flips in {time.time() - start:.0f} s")
+        log(f"Wrote latent cache {path}: {len(samples):,} images x 2 flips in {time.time() - start:.0f} s")
     dist.barrier()
 
-#################################################################################
-#                                Training Helpers                               #
-#################################################################################
 
 @torch.no_grad()
-def update_ema(ema_params, params, decay=0.9999):
-    """ema = decay * ema + (1 - decay) * param: the official arithmetic, as two foreach kernels."""
-    torch._foreach_mul_(ema_params, decay)
-    torch._foreach_add_(ema_params, params, alpha=1 - decay)
-
-
-def find_checkpoint(path):
-    """A checkpoint file, or the latest one of an experiment folder."""
-    if os.path.isfile(path):
-        return path
-    found = glob.glob(os.path.join(path, "checkpoints", "*.pt")) + glob.glob(os.path.join(path, "*.pt"))
-    if not found:
-        fail(f"--resume {path}: not a checkpoint file, nor an experiment folder with checkpoints/*.pt")
-    return max(found, key=os.path.basename)  # names are zero-padded step numbers
-
-
-@torch.no_grad()
-def save_sample_grid(ema, vae, args, shape, path, device, n=16):
-    """A PNG grid of EMA samples (DDIM-50, fixed noise and classes); the training RNG is left untouched."""
-    noise = torch.randn(n, *shape, generator=torch.Generator(device).manual_seed(args.global_seed), device=device)
-    y = torch.arange(n, device=device) * args.num_classes // n  # classes spread over the label range
+def save_sample_grid(ema, vae, args, shape, path, device):
+    """A 4x4 PNG grid of EMA samples (DDIM-50, fixed noise and classes); the training RNG is left untouched."""
+    noise = torch.randn(16, *shape, generator=torch.Generator(device).manual_seed(args.global_seed), device=device)
+    y = torch.arange(16, device=device) * args.num_classes // 16  # classes spread over the label range
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        diffusion = create_diffusion("ddim50", learn_sigma=ema.learn_sigma)
-        x = diffusion.ddim_sample_loop(ema, noise.shape, noise=noise, clip_denoised=vae is None,
-                                       model_kwargs=dict(y=y), device=device)
+        x = create_diffusion("ddim50", learn_sigma=ema.learn_sigma).ddim_sample_loop(
+            ema, noise.shape, noise=noise, clip_denoised=vae is None, model_kwargs=dict(y=y), device=device)
         x = x if vae is None else vae.decode(x / vae.scaling_factor + vae.shift_factor)
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    h, w = x.shape[1:3]
-    grid = x.reshape(n // 4, 4, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(n // 4 * h, 4 * w, 3)  # 4 per row
-    Image.fromarray(grid).save(path + ".tmp", format="PNG")
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (16, 3, H, W)
+    grid = x.unflatten(0, (4, 4)).permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)  # (4 * H, 4 * W, 3)
+    Image.fromarray(grid.numpy()).save(path + ".tmp", format="PNG")
     os.replace(path + ".tmp", path)
-
-
-def create_logger(experiment_dir, rank):
-    """Rank 0 logs to stdout and experiment_dir/log.txt (appended to on resume); other ranks stay quiet."""
-    logger = logging.getLogger("train")
-    for handler in logger.handlers[:]:  # a previous run's, when train.main runs twice in one process
-        handler.close()
-        logger.removeHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    for handler in [logging.StreamHandler(sys.stdout), logging.FileHandler(f"{experiment_dir}/log.txt")] * (rank == 0):
-        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
-        logger.addHandler(handler)
-    return logger
 
 #################################################################################
 #                                  Training Loop                                #
 #################################################################################
 
 def train(args, rank, world_size, device):
-    """Check every input, then build data, model, EMA and optimizer and run the official loop, resumably."""
-    # Bad input stops here, before any compute:
+    """Check every input (bad input stops before any compute), then build everything and run the official loop."""
     if args.global_batch_size % world_size:
-        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes; "
-             f"use a multiple of {world_size}")
+        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes; change it")
     if args.latent_cache and args.vae == "none":
         fail("--latent-cache needs a VAE; drop it for pixel-space training (--vae none)")
     try:
@@ -243,8 +182,7 @@ def train(args, rank, world_size, device):
     args.model_kwargs = json.dumps(model_kwargs, sort_keys=True)  # canonical: compared on resume
     classes, samples = find_images(args.data_path)
     if args.num_classes != 1 and len(classes) > args.num_classes:
-        fail(f"--data-path has {len(classes)} class folders but --num-classes is {args.num_classes}; "
-             f"pass --num-classes {len(classes)} (or 1 for unconditional training)")
+        fail(f"--data-path has {len(classes)} class folders but --num-classes is {args.num_classes}; raise it (or 1)")
     batch = args.global_batch_size // world_size
     steps_per_epoch = len(epoch_order(len(samples), 0, 0, rank, world_size)) // batch
     if steps_per_epoch == 0:
@@ -254,56 +192,55 @@ def train(args, rank, world_size, device):
     if args.image_size % (factor * patch):
         fail(f"--image-size {args.image_size} is not a multiple of {factor * patch} (VAE down-sampling {factor} x "
              f"patch size {patch}); use e.g. {max(1, round(args.image_size / (factor * patch))) * factor * patch}")
-    meta_path = os.path.join(args.latent_cache or "", "meta.json")
-    if args.latent_cache and os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta != json.loads(json.dumps(cache_meta(samples, args, vae))):
-            fail(f"--latent-cache {args.latent_cache} holds other images or settings (image size {meta['image_size']}, "
-                 f"vae {meta['vae']}, {meta['num_images']} images); delete it or pass another path")
+    if args.latent_cache:  # what the cache depends on; one built with other values is refused
+        meta = {"image_size": args.image_size, "vae": args.vae, "num_images": len(samples),
+                "files": [os.path.relpath(p, args.data_path) for p, _ in samples[:: max(1, len(samples) // 1000)]]}
+        meta_path = os.path.join(args.latent_cache, "meta.json")
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                if json.load(f) != meta:
+                    fail(f"--latent-cache {args.latent_cache} holds other images or settings; delete it or use another")
     latent_size, channels = args.image_size // factor, 3 if vae is None else vae.config["latent_channels"]
     kwargs = dict(input_size=latent_size, in_channels=channels, num_classes=args.num_classes)
     model = DiT(**{"patch_size": patch, **model_kwargs}, **kwargs) if model_kwargs else DiT_models[args.model](**kwargs)
     model.grad_checkpointing = args.grad_checkpointing
     ckpt = last_good = None
-    if args.resume:
-        last_good = find_checkpoint(args.resume)
+    if args.resume:  # a checkpoint file, or the latest (zero-padded step names) of an experiment folder
+        found = [args.resume] if os.path.isfile(args.resume) else glob.glob(f"{args.resume}/**/*.pt", recursive=True)
+        last_good = max(found, key=os.path.basename, default=args.resume)
         try:  # memory-mapped: the ranks of a node share one copy in the page cache
             ckpt = torch.load(last_good, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # e.g. the official train.py's checkpoints pickle args as a Namespace
-            fail(f"--resume {last_good} is not a checkpoint written by this train.py ({type(e).__name__}: {e})")
-        if not isinstance(ckpt, dict) or "step" not in ckpt:
-            fail(f"--resume {last_good} is not a checkpoint written by this train.py (it has no training state)")
-        saved = ckpt["args"]
-        for key in ("model", "model_kwargs", "image_size", "num_classes", "global_batch_size", "global_seed"):
-            if saved.get(key) != getattr(args, key):
-                fail(f"--resume {last_good} was trained with --{key.replace('_', '-')} {saved.get(key)}, "
+            step = ckpt["step"]  # official checkpoints fail here (no training state) or above (a pickled Namespace)
+        except Exception as e:
+            fail(f"--resume {last_good} is not a checkpoint written by this train.py, nor a folder with one ({e!r})")
+        for key in ("model", "model_kwargs", "image_size", "num_classes", "global_batch_size", "global_seed", "vae"):
+            if ckpt["args"].get(key) != getattr(args, key):
+                fail(f"--resume {last_good} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, "
                      f"not {getattr(args, key)}; pass the same value to resume")
-        try:
-            model.load_state_dict(ckpt["model"])
-        except (ValueError, RuntimeError) as e:
-            fail(f"--resume {last_good}: {e}")
+        model.load_state_dict(ckpt["model"])
 
     # Experiment folder, official layout (results/NNN-DiT-XL-2/checkpoints/0050000.pt); resume continues in it:
-    if ckpt is not None:
-        experiment_dir = os.path.dirname(os.path.dirname(os.path.abspath(last_good)))
-    elif rank == 0:
-        os.makedirs(args.results_dir, exist_ok=True)
-        index = len(glob.glob(f"{args.results_dir}/*"))
-        experiment_dir = f"{args.results_dir}/{index:03d}-{args.model.replace('/', '-')}"
-        os.makedirs(f"{experiment_dir}/checkpoints", exist_ok=True)
-    shared = [experiment_dir if rank == 0 else None]
+    shared = [os.path.dirname(os.path.dirname(os.path.abspath(last_good))) if ckpt is not None else None]
+    if ckpt is None and rank == 0:
+        shared[0] = f"{args.results_dir}/{len(glob.glob(f'{args.results_dir}/*')):03d}-{args.model.replace('/', '-')}"
+        os.makedirs(f"{shared[0]}/checkpoints", exist_ok=True)
     dist.broadcast_object_list(shared)  # the folder rank 0 picked
-    experiment_dir, logger = shared[0], create_logger(shared[0], rank)
-    logger.info(f"{'Resuming from ' + last_good if ckpt else 'Experiment directory created at ' + experiment_dir}"
-                f" ({world_size} processes, {device.type})")
-    logger.info(f"DiT parameters: {sum(p.numel() for p in model.parameters()):,}, {model.gflops():.2f} Gflops/image")
+    experiment_dir = shared[0]
+
+    def log(message):
+        """Rank 0 logs to stdout and experiment_dir/log.txt (appended to on resume); other ranks stay quiet."""
+        if rank == 0:
+            line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+            print(line, flush=True)
+            with open(f"{experiment_dir}/log.txt", "a") as f:
+                print(line, file=f)
+
+    log(f"{'Resuming from ' + last_good if ckpt else 'New experiment ' + experiment_dir} ({world_size} processes)")
+    log(f"DiT parameters: {sum(p.numel() for p in model.parameters()):,}, {model.gflops():.2f} Gflops/image")
     if args.latent_cache and not os.path.exists(meta_path):
-        build_cache(args.latent_cache, samples, args, vae, device, logger)
+        build_cache(args.latent_cache, meta, samples, args, vae, device, log)
     dataset = LatentCache(args.latent_cache) if args.latent_cache else ImageFolder(samples, args.image_size)
     total_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
-    logger.info(f"Dataset contains {len(samples):,} images in {len(classes)} classes ({args.data_path}), "
-                f"{steps_per_epoch:,} steps per epoch")
 
     # Model, EMA (a copy of rank 0's initial weights), optimizer:
     model.to(device)
@@ -312,21 +249,18 @@ def train(args, rank, world_size, device):
     net = torch.compile(model) if args.compile else model
     net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else net
     ema = deepcopy(model).requires_grad_(False).eval()  # after DDP: it broadcast rank 0's weights
-    step, epoch, start_batch = 0, 0, 0
+    step, epoch, start_batch = (ckpt["step"], ckpt["epoch"], ckpt["batch"]) if ckpt is not None else (0, 0, 0)
     if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         if ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
-        step, epoch, start_batch = ckpt["step"], ckpt["epoch"], ckpt["batch"]
         if ckpt["world_size"] == world_size:  # every rank continues its own random streams
             torch.set_rng_state(ckpt["rng"][rank]["cpu"])
             if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
                 torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-        else:
-            logger.info(f"Note: saved with {ckpt['world_size']} processes, not {world_size}: resume is not bit-exact")
+        else:  # another world size: fresh streams, so the resume is not bit-exact
             torch.manual_seed((args.global_seed * world_size + rank) * 1_000_003 + step)
-        del ckpt
     params, ema_params = list(model.parameters()), list(ema.parameters())
     diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)  # 1000 steps, linear betas
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
@@ -337,61 +271,50 @@ def train(args, rank, world_size, device):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             return net(x, t, y).float()
 
-    def all_reduce_checked():
-        """Sum the running stats over ranks; any NaN/inf loss stops the run before its checkpoint is written."""
-        totals = running.clone()
-        dist.all_reduce(totals)
-        if totals[-1] > 0:
-            logger.info(f"Loss is NaN/inf at step {step} or before; stopping. Last good checkpoint: {last_good}")
-            fail(f"loss is NaN/inf at step {step} or before; last good checkpoint: {last_good}. "
-                 "Resume from it with a lower --lr, or use --precision bf16/fp32 instead of fp16")
-        return totals
-
     keys = ["loss", "mse", "vb"] if model.learn_sigma else ["loss", "mse"]
     running = torch.zeros(len(keys) + 1, device=device)  # sums of the losses + a NaN flag, kept on the device
     log_steps, start_time = 0, time.time()
-    logger.info(f"Training from step {step} to {total_steps} ({args.precision}{', tf32' * args.tf32}"
-                f"{', compile' * args.compile}{', grad checkpointing' * args.grad_checkpointing})")
+    log(f"Dataset contains {len(samples):,} images in {len(classes)} classes ({args.data_path}), {steps_per_epoch:,} "
+        f"steps per epoch; training from step {step} to {total_steps} in {args.precision}")
     while step < total_steps:
-        if start_batch >= steps_per_epoch:
-            epoch, start_batch = epoch + 1, 0
         order = epoch_order(len(samples), epoch, args.global_seed, rank, world_size)
         loader = DataLoader(dataset, batch_size=batch, sampler=order[start_batch * batch:], drop_last=True,
                             num_workers=args.num_workers, pin_memory=device.type == "cuda",
                             generator=torch.Generator())  # its own generator: the global RNG stays untouched
         for batch_index, (x, y) in enumerate(loader, start=start_batch):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = to_latent(x, vae, cached=bool(args.latent_cache))
-            y = torch.zeros_like(y) if args.num_classes == 1 else y  # unconditional: one class (+ the null class)
+            x = to_latent(x.to(device, non_blocking=True), vae, cached=bool(args.latent_cache))
+            y = (y * 0 if args.num_classes == 1 else y).to(device, non_blocking=True)  # unconditional: class 0 (+ null)
             t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
             losses = diffusion.training_losses(model_fn, x, t, dict(y=y))
             opt.zero_grad(set_to_none=True)
             scaler.scale(losses["loss"].mean()).backward()
             scaler.step(opt)
             scaler.update()
-            update_ema(ema_params, params)
-            with torch.no_grad():
+            with torch.no_grad():  # EMA: ema = 0.9999 * ema + 0.0001 * param, the official arithmetic, foreach
+                torch._foreach_mul_(ema_params, 0.9999)
+                torch._foreach_add_(ema_params, params, alpha=1 - 0.9999)
                 means = torch.stack([losses[k].mean() for k in keys])
                 running += torch.cat([means, (~torch.isfinite(means).all())[None]])
             step, log_steps = step + 1, log_steps + 1
             done = step >= total_steps
-
-            if step % args.log_every == 0 or done:  # the loop's only host sync
-                totals, seconds = all_reduce_checked(), time.time() - start_time
+            save = step % args.ckpt_every == 0 or done
+            if step % args.log_every == 0 or save:  # the loop's only host sync; checked before any checkpoint
+                totals, rate = running.clone(), log_steps / (time.time() - start_time)
+                dist.all_reduce(totals)  # summed over ranks
+                if totals[-1] > 0:  # said in log.txt too
+                    log(message := f"loss is NaN/inf at step {step} or before; last good checkpoint: {last_good}")
+                    fail(message + ". Resume from it with a lower --lr, or use --precision bf16/fp32 instead of fp16")
                 losses_avg = (totals[:-1] / (log_steps * world_size)).tolist()
-                rate = log_steps / seconds
                 line = (f"(step={step:07d}) " + ", ".join(f"{k} {v:.4f}" for k, v in zip(keys, losses_avg)) +
                         f" | {rate:.2f} steps/s, {rate * args.global_batch_size:.1f} img/s, "
                         f"eta {(total_steps - step) / rate / 3600:.2f} h")
                 if device.type == "cuda":  # training = 3x the forward flops (backward is 2x)
                     line += (f" | peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB, "
                              f"{3 * model.gflops() * rate * batch / 1e3:.1f} TFLOP/s per GPU")
-                logger.info(line)
+                log(line)
                 running.zero_()
                 log_steps, start_time = 0, time.time()
-
-            if step % args.ckpt_every == 0 or done:
-                all_reduce_checked()
+            if save:
                 rng = [None] * world_size  # every rank's generators
                 cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
                 dist.all_gather_object(rng, {"cpu": torch.get_rng_state(), "cuda": cuda_rng})
@@ -402,28 +325,25 @@ def train(args, rank, world_size, device):
                                 "step": step, "epoch": epoch, "batch": batch_index + 1, "world_size": world_size,
                                 "rng": rng}, path + ".tmp")
                     os.replace(path + ".tmp", path)
-                    logger.info(f"Saved checkpoint to {path}")
-                    if args.keep_last:
-                        for stale in sorted(glob.glob(f"{experiment_dir}/checkpoints/*.pt"))[:-args.keep_last]:
-                            os.remove(stale)
+                    log(f"Saved checkpoint to {path}")
+                    for stale in sorted(glob.glob(f"{experiment_dir}/checkpoints/*.pt"))[:-args.keep_last]:
+                        os.remove(stale)  # all but the newest --keep-last (0: [:-0] is empty, none)
                 last_good = path
                 dist.barrier()
-
             if args.sample_every and (step % args.sample_every == 0 or done) and rank == 0:
-                os.makedirs(f"{experiment_dir}/samples", exist_ok=True)
-                save_sample_grid(ema, vae, args, (channels, latent_size, latent_size),
-                                 f"{experiment_dir}/samples/{step:07d}.png", device)
-                logger.info(f"Saved EMA samples to {experiment_dir}/samples/{step:07d}.png")
+                path = f"{experiment_dir}/samples/{step:07d}.png"
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_sample_grid(ema, vae, args, (channels, latent_size, latent_size), path, device)
+                log(f"Saved EMA samples to {path}")
             if done:
                 break
-        start_batch = steps_per_epoch
-    logger.info("Done!")
+        epoch, start_batch = epoch + 1, 0
+    log("Done!")
 
 
 def parse_args(argv=None):
     """The official flags with their defaults, plus resume, caching, pixel-space and speed options."""
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-path", type=str, required=True, help="image folder: one sub-folder per class")
     p.add_argument("--results-dir", type=str, default="results", help="experiment folders go here")
     p.add_argument("--model", type=str, choices=list(DiT_models.keys()), default="DiT-XL/2", help="DiT config")
@@ -446,24 +366,17 @@ def parse_args(argv=None):
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions (Ampere or newer GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--model-kwargs", type=str, default="{}",
-                   help="build DiT(**JSON) instead of the --model preset (patch size from --model unless given), "
-                        "e.g. '{\"depth\": 2, \"hidden_size\": 64, \"num_heads\": 2}' for quick experiments")
-    args = p.parse_args(argv)
-    for name in ("image_size", "num_classes", "epochs", "global_batch_size", "log_every", "ckpt_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    return args
+    p.add_argument("--model-kwargs", type=str, default="{}", help="DiT(**JSON) instead of the --model preset")
+    return p.parse_args(argv)
 
 
 def main(argv=None):
     """Join the process group (torchrun's, or a group of one for plain python; or the caller's), train, leave."""
     args = parse_args(argv)
     backend, own_group = "nccl" if torch.cuda.is_available() else "gloo", not dist.is_initialized()
-    if own_group and "RANK" in os.environ:  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
-        dist.init_process_group(backend)
-    elif own_group:  # plain python: a group of one
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if own_group:  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; plain python: a group of one
+        alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, **alone)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
