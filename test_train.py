@@ -263,7 +263,7 @@ def test_bad_inputs_fail_before_compute(tmp_path):
         train.train(args, rank=0, world_size=2, device=torch.device("cpu"))
     os.makedirs(tmp_path / "empty/cls")
     cases = [(["--data-path", str(tmp_path / "nope"), "--image-size", "16"], "is not a directory"),
-             (["--data-path", str(tmp_path / "empty/cls"), "--image-size", "16"], "not a directory with class sub-folders"),
+             (["--data-path", str(tmp_path / "empty/cls"), "--image-size", "16"], "with class sub-folders"),
              (["--data-path", str(tmp_path / "empty"), "--image-size", "16"], "has no images"),
              (["--data-path", data, "--image-size", "20"], "--image-size 20 is not a multiple of 8"),
              (["--data-path", data, "--image-size", "16", "--latent-cache", "x"], "--latent-cache needs a VAE"),
