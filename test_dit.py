@@ -1015,26 +1015,8 @@ def test_fid_bad_inputs_fail_clearly(tmp_path):
         _fid_batches(broken)
 
 
-class _FidQuiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def fid_http_root(tmp_path):
-    """A local HTTP server on 127.0.0.1 serving tmp_path/www; yields (folder, base url)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_FidQuiet, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-def test_fid_download_checks_sha256_and_loads(fid_http_root, fid_weights_file, fid_inception, tmp_path):
-    root, url = fid_http_root
+def test_fid_download_checks_sha256_and_loads(http_server, fid_weights_file, fid_inception, tmp_path):
+    root, url, _ = http_server
     data = open(fid_weights_file, "rb").read()
     (root / "w.pth").write_bytes(data)
     dest = str(tmp_path / "cache" / "w.pth")
@@ -1588,43 +1570,30 @@ def test_sample_fid_two_processes_torchrun_and_resume(sample_files, tmp_path):
     assert labels.min() >= 0 and labels.max() < 1000
 
 
-class _SampleQuiet(http.server.SimpleHTTPRequestHandler):
-    requests = []
-
-    def log_message(self, *args):
-        _SampleQuiet.requests.append(self.path)
-
-
-def test_sample_default_download_from_local_servers(sample_files, tmp_path, monkeypatch):
+def test_sample_default_download_from_local_servers(sample_files, tmp_path, monkeypatch, http_server):
     # Stand-ins: the official DiT-XL/2 is the tiny model (so its checkpoint is small), the SD VAE a tiny one
     # that downsamples 8x, both served over HTTP from 127.0.0.1 as the two real hosts would.
     monkeypatch.setitem(dit.DiT_models, "DiT-XL/2", lambda **kw: dit.DiT(**SAMPLE_TINY, **kw))
-    root = tmp_path / "www"
+    root, url, requests = http_server
     (root / "dit").mkdir(parents=True)
     torch.save(sample_fill_(dit.DiT(input_size=32, num_classes=1000, **SAMPLE_TINY), seed=4, scale=0.5),
                root / "dit" / "DiT-XL-2-256x256.pt")
     v = vae.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
     sample_fill_(v, seed=5)
     vae.save_vae(v, root / "stabilityai" / "sd-vae-ft-mse" / "resolve" / "main")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _SampleQuiet(*a, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setenv("DIT_WEIGHTS_URL", url + "/dit")
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    _SampleQuiet.requests.clear()
     args = ["--num-sampling-steps", "2", "--labels", "1", "2"]
-    try:
-        sample.main(args + ["--out", str(tmp_path / "a.png")])  # everything else default: DiT-XL/2, 256, mse
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert "/dit/DiT-XL-2-256x256.pt" in _SampleQuiet.requests
-    assert "/stabilityai/sd-vae-ft-mse/resolve/main/config.json" in _SampleQuiet.requests
+    sample.main(args + ["--out", str(tmp_path / "a.png")])  # everything else default: DiT-XL/2, 256, mse
+    assert "/dit/DiT-XL-2-256x256.pt" in requests
+    assert "/stabilityai/sd-vae-ft-mse/resolve/main/config.json" in requests
+    served = len(requests)
     assert sample_png(tmp_path / "a.png").shape == (256 + 4, 2 * 256 + 6, 3)
-    sample.main(args + ["--out", str(tmp_path / "b.png")])  # server gone: the caches are used
+    sample.main(args + ["--out", str(tmp_path / "b.png")])
+    assert len(requests) == served  # the second run reads the caches
     sample.main(args + ["--out", str(tmp_path / "c.png"), "--ckpt", str(root / "dit" / "DiT-XL-2-256x256.pt"),
                         "--vae", str(root / "stabilityai" / "sd-vae-ft-mse" / "resolve" / "main")])
     assert np.array_equal(sample_png(tmp_path / "a.png"), sample_png(tmp_path / "b.png"))
