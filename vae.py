@@ -1,14 +1,14 @@
 """
-The Stable Diffusion VAE (AutoencoderKL, Rombach et al. 2022) whose latent space DiT works in (a 256x256 image
-becomes a 4x32x32 latent): diffusers' AutoencoderKL, same function and parameter names, in PyTorch alone, with its
-own safetensors reader and Hugging Face downloader, for every common copy of the weights (diffusers, LDM, SD).
+The Stable Diffusion VAE, in whose latent space DiT works: diffusers' AutoencoderKL (same names,
+same outputs) in PyTorch alone, with its own safetensors reader and Hugging Face downloader.
 
-    vae = load_vae("ema")                               # stabilityai/sd-vae-ft-ema, what DiT uses
-    latent = (vae.encode(x).sample() - vae.shift_factor) * vae.scaling_factor   # x in [-1, 1]
-    image = vae.decode(latent / vae.scaling_factor + vae.shift_factor)
-    python vae.py IMAGE [--vae mse]                     # round-trip an image: writes IMAGE_vae.png
+    vae = load_vae("ema")                     # stabilityai/sd-vae-ft-ema, what DiT uses
+    z = (vae.encode(x).sample() - vae.shift_factor) * vae.scaling_factor   # x in [-1, 1]
+    image = vae.decode(z / vae.scaling_factor + vae.shift_factor)
+    python vae.py IMAGE [--vae mse]           # round-trip an image: writes IMAGE_vae.png
 """
-import hashlib
+import argparse
+import http.client
 import inspect
 import json
 import math
@@ -16,8 +16,6 @@ import os
 import pathlib
 import re
 import struct
-import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -26,75 +24,83 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 #################################################################################
-#                                 Building Blocks                               #
+#                                 The Autoencoder                               #
 #################################################################################
 
 class ResnetBlock(nn.Module):
-    """(GroupNorm, SiLU, 3x3 conv) twice plus a skip; a 1x1 conv on the skip when channels change."""
+    """(GroupNorm, SiLU, 3x3 conv) twice plus a skip, through a 1x1 conv when channels change."""
     def __init__(self, cin, cout, groups):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(groups, cin, eps=1e-6), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = nn.GroupNorm(groups, cout, eps=1e-6), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x):
-        # in place on fresh tensors: fewer big allocations (the VAE is frozen, autograd never needs them)
+        # in place on fresh tensors: fewer big allocations (the VAE is frozen, autograd needs none)
         h = self.conv1(F.silu(self.norm1(x), inplace=True))
         h = self.conv2(F.silu(self.norm2(h), inplace=True))
         return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
 
-
 class Attention(nn.Module):
-    """Single-head self-attention over all H*W positions plus a residual (the mid blocks' only attention)."""
+    """Single-head self-attention over all H*W positions plus a residual (in the mid blocks)."""
     def __init__(self, c, groups):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, c, eps=1e-6)
-        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
-        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # diffusers' name is to_out.0
+        self.to_q = nn.Linear(c, c)
+        self.to_k = nn.Linear(c, c)
+        self.to_v = nn.Linear(c, c)
+        # diffusers' name is to_out.0
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])
 
     def forward(self, x):
-        n, c, h, w = x.shape
-        t = self.group_norm(x).flatten(2).transpose(1, 2)  # (N, HW, C), no copy for channels-last x
-        q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (N, 1, HW, C)
-        o = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # softmax(q k^T / sqrt(C)) v
-        return self.to_out[0](o).transpose(1, 2).reshape(n, c, h, w) + x  # channels-last view, no copy
-
+        N, C, H, W = x.shape
+        # views, no copies, for channels-last x (and back)
+        t = self.group_norm(x).flatten(2).transpose(1, 2)                      # (N, HW, C)
+        q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
+        o = F.scaled_dot_product_attention(q, k, v).squeeze(1)                 # (N, HW, C)
+        return self.to_out[0](o).transpose(1, 2).reshape(N, C, H, W) + x
 
 class Resample(nn.Module):
-    """2x down: pad right and bottom only (LDM's asymmetric pad), stride-2 3x3 conv; 2x up: nearest, 3x3 conv."""
+    """2x down: pad right and bottom only (as LDM), stride-2 3x3 conv; 2x up: nearest, 3x3 conv."""
     def __init__(self, c, down):
         super().__init__()
         self.down = down
         self.conv = nn.Conv2d(c, c, 3, stride=2 if down else 1, padding=0 if down else 1)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
+        x = F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0)
+        return self.conv(x)
 
 class Level(nn.Module):
-    """n resnets, then an optional 2x resampler (Down/UpDecoderBlock2D); or with attn, resnet, attention, resnet."""
+    """n resnets, then an optional 2x resampler; with attn: resnet, attention, resnet (mid)."""
     def __init__(self, cin, cout, n, groups, down=False, up=False, attn=False):
         super().__init__()
-        self.attentions = nn.ModuleList([Attention(cout, groups)] if attn else [])  # first, as in diffusers
-        self.resnets = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n))
+        # registered first, as in diffusers
+        self.attentions = nn.ModuleList([Attention(cout, groups)] if attn else [])
+        self.resnets = nn.ModuleList(ResnetBlock(cout if i else cin, cout, groups)
+                                     for i in range(n))
         self.downsamplers = nn.ModuleList([Resample(cout, down=True)] if down else [])
         self.upsamplers = nn.ModuleList([Resample(cout, down=False)] if up else [])
 
     def forward(self, x):
-        for m in (self.resnets[0], *self.attentions, *self.resnets[1:], *self.downsamplers, *self.upsamplers):
+        x = self.resnets[0](x)
+        for m in (*self.attentions, *self.resnets[1:], *self.downsamplers, *self.upsamplers):
             x = m(x)
         return x
 
-
 class Encoder(nn.Module):
-    """Image (N, 3, H, W) -> moments (N, 2*latent, H/f, W/f): mean and log-variance stacked."""
+    """Image (N, 3, H, W) -> moments (N, 2 * latent, H/f, W/f): mean and log-variance stacked."""
     def __init__(self, cin, cout, chans, n, groups):
         super().__init__()
         self.conv_in = nn.Conv2d(cin, chans[0], 3, padding=1)
-        self.down_blocks = nn.Sequential(*(Level(chans[max(i - 1, 0)], c, n, groups, down=i < len(chans) - 1)
-                                           for i, c in enumerate(chans)))
+        levels = [Level(chans[max(i - 1, 0)], c, n, groups, down=i < len(chans) - 1)
+                  for i, c in enumerate(chans)]
+        self.down_blocks = nn.Sequential(*levels)
         self.mid_block = Level(chans[-1], chans[-1], 2, groups, attn=True)
         self.conv_norm_out = nn.GroupNorm(groups, chans[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chans[-1], cout, 3, padding=1)
@@ -103,80 +109,89 @@ class Encoder(nn.Module):
         h = self.mid_block(self.down_blocks(self.conv_in(x)))
         return self.conv_out(F.silu(self.conv_norm_out(h), inplace=True))
 
-
 class Decoder(nn.Module):
-    """Latent (N, latent, h, w) -> image (N, 3, h*f, w*f); one more resnet per level than the encoder."""
+    """Latent (N, latent, h, w) -> image (N, 3, h*f, w*f); a resnet more per level than encoder."""
     def __init__(self, cin, cout, chans, n, groups):
         super().__init__()
         rev = chans[::-1]
         self.conv_in = nn.Conv2d(cin, rev[0], 3, padding=1)
-        self.up_blocks = nn.Sequential(*(Level(rev[max(i - 1, 0)], c, n + 1, groups, up=i < len(rev) - 1)
-                                         for i, c in enumerate(rev)))
+        levels = [Level(rev[max(i - 1, 0)], c, n + 1, groups, up=i < len(rev) - 1)
+                  for i, c in enumerate(rev)]
+        self.up_blocks = nn.Sequential(*levels)
         self.mid_block = Level(rev[0], rev[0], 2, groups, attn=True)
         self.conv_norm_out = nn.GroupNorm(groups, chans[0], eps=1e-6)
         self.conv_out = nn.Conv2d(chans[0], cout, 3, padding=1)
 
     def forward(self, z):
-        h = self.mid_block(self.conv_in(z)).to(self.conv_out.weight.dtype)  # fp32 from here if load_vae upcast
-        return self.conv_out(F.silu(self.conv_norm_out(self.up_blocks(h)), inplace=True))
-
+        # fp32 from here on if load_vae upcast the decoder
+        h = self.mid_block(self.conv_in(z)).to(self.conv_out.weight.dtype)
+        h = self.conv_norm_out(self.up_blocks(h))
+        return self.conv_out(F.silu(h, inplace=True))
 
 class DiagonalGaussian:
     """The posterior q(z|x) = N(mean, exp(logvar)) from the encoder's moments (N, 2C, h, w)."""
     def __init__(self, moments):
         self.mean, logvar = moments.chunk(2, dim=1)
-        self.logvar = logvar.clamp(-30.0, 20.0)  # keeps exp() finite
-        self.std, self.var = torch.exp(0.5 * self.logvar), torch.exp(self.logvar)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
 
     def sample(self, generator=None):
-        """mean + std * eps, eps drawn on the generator's device (as diffusers does, so seeds match)."""
-        dev = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=dev, dtype=self.mean.dtype)
+        """mean + std * eps, eps drawn on the generator's device (as diffusers, so seeds match)."""
+        device = self.mean.device if generator is None else generator.device
+        dtype = self.mean.dtype
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=dtype)
         return self.mean + self.std * eps.to(self.mean.device)
 
     def mode(self):
+        """The most likely latent: the mean."""
         return self.mean
 
-#################################################################################
-#                                  AutoencoderKL                                #
-#################################################################################
-
 class AutoencoderKL(nn.Module):
-    """The KL-regularised autoencoder of latent diffusion; keyword arguments are diffusers' config.json keys."""
-    slice_pixels = 8 * 256 * 256  # encode/decode at most this many image pixels per pass, to bound memory
+    """The KL autoencoder of latent diffusion; the keyword arguments are diffusers' config keys."""
+    # encode/decode at most this many image pixels per pass, to bound memory
+    slice_pixels = 8 * 256 * 256
 
-    def __init__(self, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                 layers_per_block=2, norm_num_groups=32, scaling_factor=0.18215, shift_factor=None,
-                 use_quant_conv=True, use_post_quant_conv=True, force_upcast=True, sample_size=256):
+    def __init__(self, in_channels=3, out_channels=3, latent_channels=4,
+                 block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                 scaling_factor=0.18215, shift_factor=None, use_quant_conv=True,
+                 use_post_quant_conv=True, force_upcast=True, sample_size=256):
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        chans, groups = tuple(block_out_channels), norm_num_groups
-        self.config = {**config, "block_out_channels": list(chans)}
-        self.scaling_factor, self.shift_factor = float(scaling_factor), float(shift_factor or 0.0)
+        chans = list(block_out_channels)
+        c = latent_channels
+        self.config = {**config, "block_out_channels": chans}
+        self.scaling_factor = float(scaling_factor)
+        self.shift_factor = float(shift_factor or 0.0)
         self.downsample_factor = 2 ** (len(chans) - 1)
-        self.encoder = Encoder(in_channels, 2 * latent_channels, chans, layers_per_block, groups)
-        self.decoder = Decoder(latent_channels, out_channels, chans, layers_per_block, groups)
-        c = latent_channels  # FLUX/SD3 VAEs have no quant convs
+        self.encoder = Encoder(in_channels, 2 * c, chans, layers_per_block, norm_num_groups)
+        self.decoder = Decoder(c, out_channels, chans, layers_per_block, norm_num_groups)
+        # FLUX.1 and SD3 VAEs have no quant convs
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if use_quant_conv else nn.Identity()
         self.post_quant_conv = nn.Conv2d(c, c, 1) if use_post_quant_conv else nn.Identity()
 
     def _sliced(self, net, x, pixels):
-        """net(x) in slices of at most slice_pixels image pixels, in the dtype of net's first layer."""
-        dtype = next(net.parameters()).dtype  # the fp16 start of an upcast decoder takes fp16 inputs
-        # channels-last (NHWC) activations: oneDNN and cuDNN convs run faster on them
-        parts = [net(chunk.to(dtype, memory_format=torch.channels_last)).to(x.dtype).contiguous()
-                 for chunk in x.split(max(1, self.slice_pixels // pixels))]
+        """net(x) in slices of at most slice_pixels image pixels, in the dtype of net's weights."""
+        # the fp16 start of an upcast decoder takes fp16 inputs
+        dtype = next(net.parameters()).dtype
+        parts = []
+        for chunk in x.split(max(1, self.slice_pixels // pixels)):
+            # channels-last (NHWC) activations: oneDNN and cuDNN convolutions run faster on them
+            y = net(chunk.to(dtype, memory_format=torch.channels_last))
+            parts.append(y.to(x.dtype).contiguous())
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def encode(self, x):
-        """Images (N, C, H, W) in [-1, 1] -> posterior (DiagonalGaussian) over latents (N, latent, H/f, W/f)."""
-        f, (H, W) = self.downsample_factor, x.shape[-2:]
-        if H % f or W % f:
-            raise ValueError(f"image size {H}x{W} must be a multiple of {f}; crop or resize it")
-        return DiagonalGaussian(self._sliced(nn.Sequential(self.encoder, self.quant_conv), x, H * W))
+        """Images (N, C, H, W) in [-1, 1] -> posterior over latents (N, latent, H/f, W/f)."""
+        f = self.downsample_factor
+        H, W = x.shape[-2:]
+        if H % f or W % f or H == 0 or W == 0:
+            raise ValueError(f"image size {H}x{W} is not a positive multiple of {f}; crop it")
+        moments = self._sliced(nn.Sequential(self.encoder, self.quant_conv), x, H * W)
+        return DiagonalGaussian(moments)
 
     def decode(self, z):
-        """Latents (N, latent, h, w), already unscaled -> images (N, C, h*f, w*f) in about [-1, 1]."""
+        """Latents (N, latent, h, w), unscaled -> images (N, C, h*f, w*f) in about [-1, 1]."""
         pixels = z.shape[-2] * z.shape[-1] * self.downsample_factor ** 2
         return self._sliced(nn.Sequential(self.post_quant_conv, self.decoder), z, pixels)
 
@@ -184,73 +199,131 @@ class AutoencoderKL(nn.Module):
 #                          Checkpoint Formats and Loading                       #
 #################################################################################
 
-ATTN_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0",  # LDM
-              "query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # legacy diffusers
-
+# LDM's attention names (first line) and legacy diffusers' (second) -> diffusers'
+ATTN_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0",
+              "query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+LDM_NAMES = ((".downsample.", ".downsamplers.0."), (".upsample.", ".upsamplers.0."),
+             (".nin_shortcut.", ".conv_shortcut."), (".norm_out.", ".conv_norm_out."),
+             (".mid.block_1.", ".mid_block.resnets.0."), (".mid.block_2.", ".mid_block.resnets.1."),
+             (".mid.attn_1.", ".mid_block.attentions.0."))
 
 def convert_state_dict(sd):
-    """Any known key format (current/legacy diffusers, CompVis/LDM, full SD checkpoint) -> current diffusers."""
-    if isinstance(sd.get("state_dict"), dict):  # Lightning checkpoints wrap the weights
-        sd = sd["state_dict"]
-    if any(k.startswith("first_stage_model.") for k in sd):  # full SD checkpoint: keep the VAE, drop UNet etc.
-        sd = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
-    sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}  # training leftovers
-    top = max((int(m[1]) for k in sd for m in [re.match(r"decoder\.up\.(\d+)\.", k)] if m), default=0)
+    """Any known key format (diffusers, legacy diffusers, LDM, SD checkpoint) -> diffusers'."""
+    # Lightning checkpoints wrap the weights; the tensors, without training leftovers
+    sd = sd["state_dict"] if isinstance(sd.get("state_dict"), dict) else sd
+    sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)
+          and not k.startswith(("loss.", "model_ema."))}
+    # a whole SD checkpoint: keep the VAE, drop the UNet and the text encoder
+    prefix = "first_stage_model."
+    if any(k.startswith(prefix) for k in sd):
+        sd = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    # LDM numbers decoder levels from the lowest resolution up; diffusers in the order they run
+    ups = [int(m[1]) for m in (re.match(r"decoder\.up\.(\d+)\.", k) for k in sd) if m]
+    top = max(ups, default=0)
     out = {}
     for k, v in sd.items():
-        # LDM numbers decoder levels from the lowest resolution up; diffusers in the order they run
         k = re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up_blocks.{top - int(m[1])}.", k)
         k = re.sub(r"^encoder\.down\.(\d+)\.", r"encoder.down_blocks.\1.", k)
         k = re.sub(r"\.block\.(\d+)\.", r".resnets.\1.", k)
-        for a, b in ((".downsample.", ".downsamplers.0."), (".upsample.", ".upsamplers.0."),
-                     (".nin_shortcut.", ".conv_shortcut."), (".norm_out.", ".conv_norm_out."),
-                     (".mid.block_1.", ".mid_block.resnets.0."), (".mid.block_2.", ".mid_block.resnets.1."),
-                     (".mid.attn_1.", ".mid_block.attentions.0.")):
+        for a, b in LDM_NAMES:
             k = k.replace(a, b)
-        k = re.sub(r"(attentions\.0\.)(\w+)\.", lambda m: m[1] + ATTN_NAMES.get(m[2], m[2]) + ".", k)
-        out[k] = v[:, :, 0, 0] if ".attentions.0.to_" in k and v.dim() == 4 else v  # LDM: 1x1 convs = Linear
+        k = re.sub(r"attentions\.0\.(\w+)\.",
+                   lambda m: f"attentions.0.{ATTN_NAMES.get(m[1], m[1])}.", k)
+        # LDM's attention projections are 1x1 convolutions: the weights of Linear layers
+        out[k] = v[:, :, 0, 0] if ".attentions.0.to_" in k and v.dim() == 4 else v
     return out
 
+def vae_files(name):
+    """(weights file, config.json or None) of a VAE folder, a weights file or a Hub repo id."""
+    if os.path.isdir(name):
+        found = [p for p in (os.path.join(name, n) for n in WEIGHTS_NAMES) if os.path.isfile(p)]
+        config = os.path.join(name, "config.json")
+        if not found or not os.path.isfile(config):
+            raise FileNotFoundError(f"{name} lacks config.json or {WEIGHTS_NAMES[0]} (or .bin); "
+                                    "pass a diffusers VAE folder")
+        return found[0], config
+    if os.path.isfile(name):
+        return name, None
+    weights_file = name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt"))
+    if weights_file or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise FileNotFoundError(f"{name!r} is not a file, a directory, or a Hugging Face repo id "
+                                f"(like 'stabilityai/sd-vae-ft-ema'; or {', '.join(SHORTHANDS)})")
+    # a Hub repo: a cached copy of either weights file, else safetensors, else .bin
+    cached = [p for n in WEIGHTS_NAMES for p in cache_paths(name, n) if os.path.isfile(p)]
+    config = hub_file(name, "config.json")
+    weights = cached[0] if cached else hub_file(name, WEIGHTS_NAMES[0], missing_ok=True)
+    weights = weights or hub_file(name, WEIGHTS_NAMES[1], missing_ok=True)
+    if weights is None:
+        raise FileNotFoundError(f"{name} has no {WEIGHTS_NAMES[0]} or .bin; check the repo id, or "
+                                "pass a local folder or file")
+    return weights, config
+
+def read_config(path):
+    """The AutoencoderKL arguments in a diffusers config.json, checked."""
+    try:
+        with open(path, "rb") as f:
+            cfg = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore the VAE's config.json") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} is not a JSON object; restore the VAE's config.json")
+    if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ValueError(f"{path}: a {cfg['_class_name']}; vae.py has only AutoencoderKL (SD VAEs)")
+    # absent: SD's 0.18215 and 0; a null shift_factor is 0
+    numbers = {"scaling_factor": cfg.get("scaling_factor", 1.0),
+               "shift_factor": cfg.get("shift_factor") or 0.0}
+    for key, value in numbers.items():
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise ValueError(f"{path}: {key} is {json.dumps(value)}, not a number; write the "
+                             "VAE's value there")
+    return {k: v for k, v in cfg.items() if k in inspect.signature(AutoencoderKL).parameters}
+
+def infer_config(sd, path):
+    """The AutoencoderKL arguments read off the weight shapes of a lone file (no config.json)."""
+    convs = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight", k)
+        if m and v.dim() == 4:
+            convs[int(m[1]), int(m[2])] = v.shape[0]
+    if not convs or sd["decoder.conv_in.weight"].dim() != 4:
+        raise ValueError(f"{path} has decoder but no encoder weights; pass a whole VAE")
+    return dict(latent_channels=sd["decoder.conv_in.weight"].shape[1],
+                layers_per_block=1 + max(convs)[1],
+                block_out_channels=[c for (_, i), c in sorted(convs.items()) if i == 0],
+                use_quant_conv="quant_conv.weight" in sd,
+                use_post_quant_conv="post_quant_conv.weight" in sd)
 
 def load_vae(name_or_path="stabilityai/sd-vae-ft-ema", device="cpu", dtype=torch.float32):
-    """A ready AutoencoderKL (eval, frozen) from "ema"/"mse", a HF repo id, a directory, or a weights file."""
-    name, config = SHORTHANDS.get(name_or_path, str(name_or_path)), None
-    if os.path.isdir(name):  # diffusers' layout: config.json + diffusion_pytorch_model.safetensors (or .bin)
-        config, weights = os.path.join(name, "config.json"), os.path.join(name, "diffusion_pytorch_model.safetensors")
-        weights = weights if os.path.isfile(weights) else weights.replace(".safetensors", ".bin")
-    elif os.path.isfile(name):
-        weights = name
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", name):  # a Hub repo: a cached copy of either file, else safetensors
-        names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-        weights = next((p for n in names for p in cache_paths(name, n) if os.path.isfile(p)), None)
-        weights = weights or hub_file(name, names[0], missing_ok=True) or hub_file(name, names[1])
-        config = hub_file(name, "config.json")
+    """A ready AutoencoderKL (eval, frozen) from "ema"/"mse", a Hub repo id, a folder or a file."""
+    weights, config = vae_files(SHORTHANDS.get(name_or_path, str(name_or_path)))
+    if weights.endswith(".safetensors"):
+        sd = load_safetensors(weights)
     else:
-        raise FileNotFoundError(f"{name!r} is not a file, a directory, or a Hugging Face repo id "
-                                f"(like 'stabilityai/sd-vae-ft-ema'; shorthands: {', '.join(SHORTHANDS)})")
-    sd = convert_state_dict(load_safetensors(weights) if weights.endswith(".safetensors") else
-                            torch.load(weights, map_location="cpu", weights_only=True))  # tensors, never code
+        with open(weights, "rb") as f:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception:
+                # never torch's text: it suggests weights_only=False, which runs the file's code
+                sd = None
+        if not isinstance(sd, dict):
+            raise ValueError(f"{weights} is not a PyTorch state dict (empty, truncated, corrupt or "
+                             "not only tensors); download it again, or pass a .safetensors file")
+    sd = convert_state_dict(sd)
     if "decoder.conv_in.weight" not in sd:
-        raise ValueError(f"{weights} holds no VAE weights (keys like {', '.join(list(sd)[:3])}); pass an SD VAE")
-    if config:
-        with open(config) as f:
-            cfg = json.load(f)
-        if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ValueError(f"{config}: a {cfg['_class_name']}, but vae.py implements only AutoencoderKL (SD VAEs)")
-        cfg = {k: v for k, v in cfg.items() if k in inspect.signature(AutoencoderKL).parameters}
-    else:  # a lone file: the architecture read off its weight shapes; scaling and shift need config.json
-        convs = {tuple(map(int, m.groups())): v.shape[0] for k, v in sd.items()  # {(level, resnet): channels}
-                 for m in [re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight", k)] if m}
-        cfg = dict(latent_channels=sd["decoder.conv_in.weight"].shape[1], layers_per_block=1 + max(convs)[1],
-                   block_out_channels=[c for (_, i), c in sorted(convs.items()) if i == 0],
-                   use_quant_conv="quant_conv.weight" in sd, use_post_quant_conv="post_quant_conv.weight" in sd)
-    with torch.device("meta"):  # no random init: it would be thrown away, and would use up the global RNG
-        vae = AutoencoderKL(**cfg)
+        keys = ", ".join(list(sd)[:3])
+        raise ValueError(f"{weights} holds no VAE weights (keys like {keys}); pass an SD VAE")
+    cfg = read_config(config) if config else infer_config(sd, weights)
     try:
-        vae.load_state_dict(sd, assign=True)  # strict: a key missing, left over or of another shape is an error
-    except RuntimeError as e:  # torch names them all (a line per kind or per shape): show the first three
+        # no random init (it would use up the global RNG); strict: every key, every shape
+        with torch.device("meta"):
+            vae = AutoencoderKL(**cfg)
+        vae.load_state_dict(sd, assign=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        # torch names every key (a line per kind or per shape): the first three
+        lines = str(e).split("\n\t")
+        why = "; ".join(line.strip()[:300] for line in lines[1:4]) or str(e)
         raise ValueError(f"{weights} does not fit the VAE of {config or 'its weight shapes'}: "
-                         + "; ".join(line.strip()[:300] for line in str(e).split("\n\t")[1:4])) from None
+                         f"{why}") from None
     vae = vae.eval().requires_grad_(False).to(device=device, dtype=dtype)
     if dtype == torch.float16 and vae.config["force_upcast"]:
         # fp16 overflows (NaN, black images) in the full-resolution layers of SD VAEs; as diffusers'
@@ -260,137 +333,210 @@ def load_vae(name_or_path="stabilityai/sd-vae-ft-ema", device="cpu", dtype=torch
             m.half()
     return vae
 
+def write_file(path, chunks):
+    """Write byte strings to path atomically: a temp file, renamed once complete."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.writelines(chunks)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 def save_vae(vae, directory):
-    """Write config.json + diffusion_pytorch_model.safetensors (the diffusers layout) into directory."""
+    """Write config.json and diffusion_pytorch_model.safetensors (diffusers' layout) there."""
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "config.json")
-    n = len(vae.config["block_out_channels"])  # the block types too, or diffusers would build one level
-    cfg = {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * n,
-           "up_block_types": ["UpDecoderBlock2D"] * n, **vae.config}
-    pathlib.Path(path + ".tmp").write_text(json.dumps(cfg, indent=2))
-    os.replace(path + ".tmp", path)  # atomic: never half a config
-    save_safetensors(vae.state_dict(), os.path.join(directory, "diffusion_pytorch_model.safetensors"))
+    # the block types too, or diffusers would build a VAE of one level
+    n = len(vae.config["block_out_channels"])
+    cfg = {"_class_name": "AutoencoderKL", "act_fn": "silu", **vae.config,
+           "down_block_types": ["DownEncoderBlock2D"] * n,
+           "up_block_types": ["UpDecoderBlock2D"] * n}
+    write_file(os.path.join(directory, "config.json"), [json.dumps(cfg, indent=2).encode()])
+    save_safetensors(vae.state_dict(), os.path.join(directory, WEIGHTS_NAMES[0]))
 
 #################################################################################
 #                        safetensors Files and Hub Downloads                    #
 #################################################################################
-# A little-endian u64 header length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]},
-# "__metadata__": {str: str}}, then the raw little-endian tensor bytes (offsets count from their start).
+# A little-endian u64 header length n, a JSON header {name: {dtype, shape, data_offsets: [begin,
+# end]}, "__metadata__": {str: str}}, then the data: the tensors' bytes, which must tile it.
 
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+             "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
+             "U8": torch.uint8, "BOOL": torch.bool}
 
 def load_safetensors(path):
-    """Read a .safetensors file into a dict of CPU tensors, checking every offset against the file size."""
+    """Read a .safetensors file into a dict of CPU tensors, every entry checked against the file."""
     with open(path, "rb") as f:
-        blob = bytearray(f.read())  # writable, so the tensors can share its memory
-    n = struct.unpack("<Q", blob[:8])[0] if len(blob) >= 8 else len(blob)
-    if len(blob) < 8 or n > len(blob) - 8:
-        raise ValueError(f"{path}: truncated or not a safetensors file (header length {n}, file size {len(blob)}); "
-                         "delete it and download again")
+        # writable, so the tensors can share its memory
+        blob = bytearray(f.read())
+    n = int.from_bytes(blob[:8], "little")
+    fix = "delete it and download again"
     try:
-        entries = {k: (ST_DTYPES[v["dtype"]], [int(s) for s in v["shape"]], [int(o) for o in v["data_offsets"]])
-                   for k, v in json.loads(blob[8:8 + n]).items() if k != "__metadata__"}
-    except Exception as e:
-        raise ValueError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
-    sd, size = {}, len(blob) - 8 - n
-    for name, (dtype, shape, (begin, end)) in entries.items():
-        if not 0 <= begin <= end <= size or end - begin != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name} {shape} {dtype} does not fit bytes {begin}..{end} of the {size} "
-                             "data bytes: truncated or corrupt; delete it and download again")
-        sd[name] = torch.frombuffer(blob, dtype=dtype, count=math.prod(shape), offset=8 + n + begin).reshape(shape) \
-            if end > begin else torch.zeros(shape, dtype=dtype)
+        header = json.loads(blob[8:8 + n]) if 8 + n <= len(blob) else None
+    except ValueError as e:
+        raise ValueError(f"{path}: corrupt safetensors header ({e}); {fix}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: truncated or not a safetensors file; {fix}")
+    header.pop("__metadata__", None)
+    tensors = []
+    for name, e in header.items():
+        shape = e.get("shape") if isinstance(e, dict) else None
+        offsets = e.get("data_offsets") if isinstance(e, dict) else None
+        # whole numbers >= 0 (in JSON, 1.5 is a float and true a bool)
+        whole = all(isinstance(v, list) and all(type(i) is int and i >= 0 for i in v)
+                    for v in (shape, offsets))
+        if not whole or len(offsets) != 2 or e.get("dtype") not in ST_DTYPES:
+            raise ValueError(f"{path}: corrupt safetensors header: tensor {name} is "
+                             f"{json.dumps(e)}, not a known dtype, a shape and two offsets; {fix}")
+        tensors.append((offsets, name, ST_DTYPES[e["dtype"]], shape))
+    size = len(blob) - 8 - n
+    sd = {}
+    pos = 0
+    # sorted by offsets, each tensor begins where the previous one ended
+    for (begin, end), name, dtype, shape in sorted(tensors):
+        count = math.prod(shape)
+        if begin != pos or end - begin != count * dtype.itemsize or end > size:
+            raise ValueError(f"{path}: tensor {name} {shape} {dtype} does not fit bytes {begin}.."
+                             f"{end} of the {size} data bytes: truncated or corrupt; {fix}")
+        pos = end
+        x = torch.zeros(0, dtype=dtype)
+        if count:
+            x = torch.frombuffer(blob, dtype=dtype, count=count, offset=8 + n + begin)
+        sd[name] = x.reshape(shape)
+    if pos != size:
+        raise ValueError(f"{path}: {size - pos} data bytes after the last tensor: corrupt; {fix}")
     return sd
 
-
 def save_safetensors(tensors, path):
-    """Write a dict of tensors as .safetensors, atomically (temp file + rename)."""
-    names, header, blobs, offset = {v: k for k, v in ST_DTYPES.items()}, {"__metadata__": {"format": "pt"}}, [], 0
+    """Write a dict of tensors as .safetensors, atomically (a temp file renamed once complete)."""
+    names = {dtype: name for name, dtype in ST_DTYPES.items()}
+    header = {"__metadata__": {"format": "pt"}}
+    blobs = []
+    offset = 0
     for name, t in tensors.items():
+        if t.dtype not in names:
+            raise ValueError(f"{name} is {t.dtype}, which vae.py cannot store; convert it")
         blobs.append(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        header[name] = dict(dtype=names[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + len(blobs[-1])])
+        header[name] = dict(dtype=names[t.dtype], shape=list(t.shape),
+                            data_offsets=[offset, offset + len(blobs[-1])])
         offset += len(blobs[-1])
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # keeps the data 8-byte aligned
-    with open(path + ".tmp", "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        f.writelines(blobs)
-    os.replace(path + ".tmp", path)
+    # spaces after the JSON keep the data 8-byte aligned
+    head += b" " * (-len(head) % 8)
+    write_file(path, [struct.pack("<Q", len(head)), head, *blobs])
 
+def cache_dir():
+    """Downloads go to $DIT_CACHE, or ~/.cache/dit when it is unset or empty."""
+    return os.environ.get("DIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dit")
+
+def download(url, path, sha256=None, mirror=None):
+    """Download url to path with torch.hub (temp file, sha256 check, rename) or say what to do."""
+    folder = os.path.dirname(os.path.abspath(path))
+    # the nearest folder that exists: a failed download removes the empty ones it made below it
+    kept = folder
+    while not os.path.isdir(kept):
+        kept = os.path.dirname(kept)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, path, hash_prefix=sha256)
+    except (OSError, RuntimeError, http.client.HTTPException) as e:
+        # OSError: no network, HTTP errors, a full disk; RuntimeError: another sha256;
+        # HTTPException: a reply that stops early or is not HTTP
+        while folder != kept and not os.listdir(folder):
+            os.rmdir(folder)
+            folder = os.path.dirname(folder)
+        hint = f", or set {mirror} to a mirror" if mirror else ""
+        raise OSError(f"cannot download {url} ({e}); put the file at {path}{hint}") from None
+    return path
 
 def cache_paths(repo, filename):
-    """A Hub repo file's place in DIT_CACHE (where downloads go) and in the standard Hugging Face cache."""
-    hf = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME") or "~/.cache/huggingface", "hub")
-    hf = pathlib.Path(hf, "models--" + repo.replace("/", "--")).expanduser()
-    ref = hf / "refs" / "main"  # huggingface_hub keeps the files in snapshots/<the commit main points at>/
+    """A Hub repo file's place in cache_dir() (where downloads go) and in the Hugging Face cache."""
+    dit = os.path.join(cache_dir(), repo.replace("/", "--"), "main", filename)
+    hf_home = os.environ.get("HF_HOME") or os.path.join("~", ".cache", "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(hf_home, "hub")
+    hub = pathlib.Path(hub, "models--" + repo.replace("/", "--")).expanduser()
+    # huggingface_hub keeps the files in snapshots/<the commit that refs/main names>/
+    ref = hub / "refs" / "main"
     commit = ref.read_text().strip() if ref.is_file() else "main"
-    dit = pathlib.Path(os.environ.get("DIT_CACHE") or "~/.cache/dit", repo.replace("/", "--"), "main", filename)
-    return [str(dit.expanduser()), str(hf / "snapshots" / commit / filename)]
+    return [dit, str(hub / "snapshots" / commit / filename)]
 
-
-class Redirects(urllib.request.HTTPRedirectHandler):
-    """Follows redirects, keeping the sha256 the Hub announces (X-Linked-Etag) before it sends us to its CDN."""
-    sha256 = ""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        self.sha256 = self.sha256 or headers.get("X-Linked-Etag", "")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Makes urllib report a redirect (as an HTTPError with its headers) instead of following it."""
+    def redirect_request(self, *args):
+        """No new request: the redirect becomes an HTTPError."""
+        return None
 
 def hub_file(repo, filename, missing_ok=False):
-    """Local path of a Hub repo file: a cached copy, else downloaded from HF_ENDPOINT into DIT_CACHE."""
-    paths, offline = cache_paths(repo, filename), os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "TRUE")
-    if any(os.path.isfile(p) for p in paths) or (offline and missing_ok):
-        return next((p for p in paths if os.path.isfile(p)), None)
-    if offline:
-        raise FileNotFoundError(f"{repo}/{filename} is in neither {paths[0]} nor {paths[1]}, and HF_HUB_OFFLINE=1 "
-                                "forbids downloading: unset it, or pass a local path to the weights")
-    url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{repo}/resolve/main/{filename}"
-    redirects, tmp, sha, done, t0 = Redirects(), f"{paths[0]}.{os.getpid()}.tmp", hashlib.sha256(), 0, time.time()
-    os.makedirs(os.path.dirname(tmp), exist_ok=True)
-    try:  # into a temp file, renamed once complete and checked: the cache never holds half a file
-        with urllib.request.build_opener(redirects).open(url, timeout=60) as r, open(tmp, "wb") as f:
-            want = (r.headers.get("X-Linked-Etag") or redirects.sha256).removeprefix("W/").strip('"').lower()
-            total = int(r.headers.get("Content-Length") or 0)
-            while chunk := r.read(1 << 22):  # 4 MB: a progress update every ~1% of the 335 MB SD VAE
-                f.write(chunk)
-                sha.update(chunk)
-                done += len(chunk)
-                print(f"\rdownloading {url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB, "
-                      f"ETA {max(total - done, 0) / done * (time.time() - t0):.0f}s", end="", file=sys.stderr)
-        print(file=sys.stderr)
-        if total and done != total or re.fullmatch(r"[0-9a-f]{64}", want) and sha.hexdigest() != want:
-            raise OSError(f"download of {url} is truncated or corrupt ({done} of {total} bytes, sha256 "
-                          f"{sha.hexdigest()}, server says {want or '?'}); run again")
-        os.replace(tmp, paths[0])
-    except urllib.error.URLError as e:  # HTTPError included
-        if getattr(e, "code", None) == 404 and missing_ok:
+    """Local path of a Hub repo file: a cached copy, else downloaded from HF_ENDPOINT."""
+    paths = cache_paths(repo, filename)
+    if os.path.isfile(paths[0]) or os.path.isfile(paths[1]):
+        return paths[0] if os.path.isfile(paths[0]) else paths[1]
+    advice = (f"put its config.json and {WEIGHTS_NAMES[0]} in {os.path.dirname(paths[0])}{os.sep}, "
+              "or set HF_ENDPOINT to a mirror, or pass a local folder or file")
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "TRUE", "YES"):
+        raise FileNotFoundError(f"{repo} is not cached and HF_HUB_OFFLINE is set; unset it to "
+                                f"download, or {advice}")
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/{repo}/resolve/main/{filename}"
+    # HEAD without following redirects: the Hub announces the sha256 of a large (LFS) file as
+    # X-Linked-Etag, on its redirect to the CDN or on its 200; ETag is no sha256 for other files
+    try:
+        head = urllib.request.Request(url, method="HEAD")
+        with urllib.request.build_opener(NoRedirect).open(head, timeout=60) as r:
+            etag = r.headers.get("X-Linked-Etag", "")
+    except urllib.error.HTTPError as e:
+        if e.code == 404 and missing_ok:
             return None
-        raise FileNotFoundError(f"cannot download {url}: {e}; check the repo id, or (offline, or a gated repo) put "
-                                "the files in DIT_CACHE and set HF_HUB_OFFLINE=1, or pass a local path") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return paths[0]
+        if not 300 <= e.code < 400:
+            raise OSError(f"cannot download {url} ({e}; no such repo or file, or a gated or "
+                          f"private repo); check the repo id, or {advice}") from None
+        etag = e.headers.get("X-Linked-Etag", "")
+    except (OSError, http.client.HTTPException) as e:
+        raise OSError(f"cannot reach {url} ({str(e).strip()}); {advice}") from None
+    sha = re.fullmatch(r'(w/)?"?([0-9a-f]{64})"?', etag.lower())
+    return download(url, paths[0], sha and sha[2], mirror="HF_ENDPOINT")
 
+#################################################################################
+#                                       CLI                                     #
+#################################################################################
 
-if __name__ == "__main__":  # round-trip an image through the VAE
-    import argparse
+def main():
+    """python vae.py IMAGE [--vae NAME]: writes IMAGE_vae.png and prints the PSNR."""
     import numpy as np
     from PIL import Image
-    p = argparse.ArgumentParser(description="Encode and decode an image with the SD VAE: writes IMAGE_vae.png.")
-    p.add_argument("image")
-    p.add_argument("--vae", default="ema", help='"ema", "mse", a HF repo id, a directory or a weights file')
-    args, device = p.parse_args(), "cuda" if torch.cuda.is_available() else "cpu"
-    vae = load_vae(args.vae, device=device)
-    img, f = Image.open(args.image).convert("RGB"), vae.downsample_factor
-    img = img.crop((0, 0, img.width // f * f, img.height // f * f))  # the VAE needs multiples of f
+    p = argparse.ArgumentParser(description="Encode and decode an image with the SD VAE: writes "
+                                "IMAGE_vae.png and prints the PSNR.")
+    p.add_argument("image", help="an image file (PNG, JPEG, ...), cropped to a multiple of 8")
+    p.add_argument("--vae", default="ema", help='"ema", "mse", a Hugging Face repo id, a diffusers '
+                   "folder or a weights file (default: %(default)s)")
+    args = p.parse_args()
+    try:
+        with Image.open(args.image) as im:
+            img = im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SystemExit(f"vae.py: error: {args.image} is not a readable image ({e}); pass a PNG "
+                         "or JPEG file") from None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        vae = load_vae(args.vae, device=device)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"vae.py: error: {' '.join(str(e).split())}") from None
+    f = vae.downsample_factor
+    if img.width < f or img.height < f:
+        raise SystemExit(f"vae.py: error: {args.image} is {img.width}x{img.height}, smaller than "
+                         f"the VAE's {f}x{f} pixels per latent; pass an image of at least {f}x{f}")
+    # cropped to multiples of f; the peak-to-peak range of x is 2
+    img = img.crop((0, 0, img.width // f * f, img.height // f * f))
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
     with torch.no_grad():
         y = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
-    psnr = 10 * math.log10(4.0 / max(F.mse_loss(y, x).item(), 1e-12))  # peak-to-peak range is 2
+    psnr = 10 * math.log10(4.0 / max(F.mse_loss(y, x).item(), 1e-12))
     out = os.path.splitext(args.image)[0] + "_vae.png"
-    Image.fromarray(y[0].add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()).save(out)
-    print(f"wrote {out}: {img.width}x{img.height} -> {f}x smaller latent -> back, PSNR {psnr:.2f} dB")
+    pixels = torch.clamp(127.5 * y[0] + 128, 0, 255).to(torch.uint8)
+    Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()).save(out)
+    print(f"wrote {out}: {img.width}x{img.height} -> {f}x smaller latent -> back, "
+          f"PSNR {psnr:.2f} dB")
+
+if __name__ == "__main__":
+    main()
