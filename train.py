@@ -1,13 +1,14 @@
 """
 Train DiT ("Scalable Diffusion Models with Transformers", Peebles & Xie) with PyTorch DDP.
 
-    python train.py --model DiT-S/2 --data-path /data/train                  # one process, GPU or CPU
+    python train.py --model DiT-S/2 --data-path /data/train        # one process, GPU or CPU
     torchrun --nproc_per_node=8 train.py --model DiT-XL/2 --data-path /imagenet/train
-    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 train.py ...  # 4 nodes
 
-Official recipe, flags and results layout; exact --resume, --latent-cache, --vae none, opt-in speed options.
+The official recipe, flags and results layout; plus exact --resume, a latent cache, pixel-space
+models (--vae none), mixed precision, sample grids and FID while training (--fid-every).
 """
 import argparse
+import gc
 import glob
 import json
 import math
@@ -23,15 +24,18 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion import create_diffusion
-from dit import DiT, DiT_models
+import fid
+import sample
+from sample import Help, count, number
+from diffusion import create_diffusion, progress
+from dit import DiT_models, create_dit
 from vae import load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
+AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def fail(message):
-    """Stop with a clear error instead of a traceback (all ranks check the same things, so all stop)."""
+    """Stop with one clear line instead of a traceback (every rank checks the same things)."""
     raise SystemExit(f"train.py: error: {message}")
 
 #################################################################################
@@ -39,357 +43,592 @@ def fail(message):
 #################################################################################
 
 def find_images(root):
-    """(classes, [(path, label)]) for root/<class>/**/<image>, in torchvision ImageFolder's order."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir()) if os.path.isdir(root) else []
-    if not classes:
-        fail(f"--data-path {root} is not a directory with class sub-folders; put the images in {root}/<class>/")
-    samples = [(os.path.join(folder, f), label) for label, name in enumerate(classes)
-               for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True))
-               for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    if not samples:
-        fail(f"--data-path {root} has no images ({' '.join(IMAGE_EXTENSIONS)}) in its class folders; add some")
+    """(classes, [(path, label)]) of root/<class>/**/<image>, in torchvision ImageFolder's order."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    samples = []
+    tops = {os.path.realpath(os.path.join(root, name)) for name in classes}
+    seen = {os.path.realpath(root)}
+    for label, name in enumerate(classes):
+        folders = []
+        top = os.path.join(root, name)
+        for folder, subfolders, files in os.walk(top, followlinks=True):
+            # Links are followed, but a real folder is entered once (a loop would repeat its
+            # images), and a class folder only as its own class.
+            real = os.path.realpath(folder)
+            if real in seen or (folder != top and real in tops):
+                subfolders.clear()
+                continue
+            seen.add(real)
+            folders.append((folder, files))
+        for folder, files in sorted(folders):
+            images = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+            samples += [(os.path.join(folder, f), label) for f in images]
     return classes, samples
 
-
 def center_crop_arr(pil_image, image_size):
-    """ADM center crop: box-halve while the short side >= 2 * size, bicubic-resize it to size, crop the middle."""
+    """ADM center crop: box-halve while the short side >= 2 * size, bicubic to size, crop."""
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
-    arr = np.asarray(pil_image)
-    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    size = tuple(round(s * scale) for s in pil_image.size)
+    arr = np.asarray(pil_image.resize(size, resample=Image.BICUBIC))
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
     return arr[top: top + image_size, left: left + image_size]  # (H, W, 3) uint8
 
+def read_image(path, image_size):
+    """The center crop of an image file, uint8 (H, W, 3); None, with a warning, if unreadable."""
+    try:
+        with Image.open(path) as image:
+            return center_crop_arr(fid.to_rgb(image), image_size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        print(f"train.py: warning: skipping unreadable image {path} ({e})", file=sys.stderr)
+        return None
 
 class ImageFolder(Dataset):
-    """Item (index, flip) -> (image (3, H, W) in [-1, 1], label); an unreadable file is named and skipped."""
+    """Item (index, flip) -> (image (3, H, W) in [-1, 1], label); unreadable files are skipped."""
 
     def __init__(self, samples, image_size):
-        self.samples, self.image_size = samples, image_size
+        self.samples = samples
+        self.image_size = image_size
 
     def __getitem__(self, item):
         index, flip = item
+        # a corrupt file must not end a multi-day run: the next readable image stands in
         for j in range(index, index + len(self.samples)):
             path, label = self.samples[j % len(self.samples)]
-            try:
-                with Image.open(path) as image:
-                    arr = center_crop_arr(image.convert("RGB"), self.image_size)
+            arr = read_image(path, self.image_size)
+            if arr is not None:
                 break
-            except Exception as e:  # the next image instead: a corrupt file must not kill a multi-day run
-                print(f"train.py: warning: skipping unreadable image {path} ({e})", file=sys.stderr, flush=True)
+        else:
+            raise OSError(f"none of the {len(self.samples)} images can be read any more")
+        # ToTensor + Normalize(0.5, 0.5), bit for bit
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255).sub_(0.5).div_(0.5)
-        return (x.flip(-1) if flip else x), label  # ToTensor + Normalize(0.5, 0.5), bit for bit
-
+        return (x.flip(-1) if flip else x), label
 
 class LatentCache(Dataset):
-    """Item (index, flip) -> (VAE posterior mean and std stacked (2, C, h, w), label), from build_cache's files."""
+    """Item (index, flip) -> (VAE posterior mean and std (2, C, h, w), label), from build_cache."""
 
     def __init__(self, path):
-        self.path, self.latents, self.labels = path, None, np.load(os.path.join(path, "labels.npy"))
+        self.path = path
+        self.latents = None
+        self.labels = np.load(os.path.join(path, "labels.npy"))
 
     def __getitem__(self, item):
         index, flip = item
-        if self.latents is None:  # mapped lazily: each loader worker maps the file itself
+        if self.latents is None:
+            # mapped lazily: each loader worker maps the file itself
             self.latents = np.load(os.path.join(self.path, "latents.npy"), mmap_mode="r")
         return torch.from_numpy(np.array(self.latents[index, flip])), int(self.labels[index])
 
-
 def epoch_order(n, epoch, seed, rank, world_size):
-    """This rank's (index, flip) items of an epoch: DistributedSampler's shuffle and padding, a flip bit per image."""
+    """This rank's (index, flip) items of an epoch: DistributedSampler's order, a flip per image."""
     g = torch.Generator().manual_seed(seed + epoch)
-    perm = torch.randperm(n, generator=g).tolist()  # the same order as DistributedSampler(seed=seed)
-    flips = torch.randint(0, 2, (n,), generator=g).tolist()  # in the data order: resumable, loader workers need no RNG
+    perm = torch.randperm(n, generator=g).tolist()
+    # flips in the data order: resumable, and loader workers need no random state
+    flips = torch.randint(0, 2, (n,), generator=g).tolist()
+    # padded to a multiple of world_size, as DistributedSampler(seed=seed) does
     total = math.ceil(n / world_size) * world_size
     perm = (perm * math.ceil(total / n))[:total]
     return [(i, flips[i]) for i in perm[rank:total:world_size]]
 
+def data_loader(dataset, items, args, device, drop_last=True):
+    """Batches of dataset items; no loader processes by default on the CPU (they slow training)."""
+    workers = args.num_workers if args.num_workers is not None else 4 * (device.type == "cuda")
+    # its own generator: the global random state stays untouched
+    return DataLoader(dataset, batch_size=args.global_batch_size // dist.get_world_size(),
+                      sampler=items, num_workers=workers, pin_memory=device.type == "cuda",
+                      drop_last=drop_last, generator=torch.Generator())
 
 @torch.no_grad()
 def to_latent(x, vae, cached):
-    """Training input from a batch: pixels as they are, or a fresh posterior sample scaled by the VAE's factor."""
+    """The DiT's input for a batch: pixels as they are, or a fresh latent sample, scaled."""
     if vae is None:
         return x
-    z = x[:, 0] + x[:, 1] * torch.randn_like(x[:, 0]) if cached else vae.encode(x).sample()  # (N, C, h, w)
+    # a fresh draw from the posterior: mean + std * eps from the cache, or from an encoding
+    z = x[:, 0] + x[:, 1] * torch.randn_like(x[:, 0]) if cached else vae.encode(x).sample()
     return (z - vae.shift_factor) * vae.scaling_factor
 
-
 @torch.no_grad()
-def build_cache(path, meta, samples, args, vae, device, log):
-    """Encode every image and its mirror once, the ranks sharing the work, into path's latents.npy and labels.npy."""
-    rank, world_size, tmp = dist.get_rank(), dist.get_world_size(), path + ".tmp"
+def build_cache(args, samples, vae, device):
+    """Encode every image and its mirror once, the ranks sharing the work, into --latent-cache."""
+    rank = dist.get_rank()
+    tmp = f"{args.latent_cache}.tmp"
     size = args.image_size // vae.downsample_factor
-    shapes = {"latents": ((len(samples), 2, 2, vae.config["latent_channels"], size, size), np.float32),
-              "labels": ((len(samples),), np.int64)}  # (N, flip, mean/std, C, h, w): the posterior, not one sample, so
-    if rank == 0:  # training still draws a fresh latent per step, as official. Rank 0 creates, every rank fills
+    # the posterior's mean and std, not a sample: training still draws a fresh latent per step
+    shape = (len(samples), 2, 2, vae.config["latent_channels"], size, size)  # (N, flip, 2, C, h, w)
+    if rank == 0:
         os.makedirs(tmp, exist_ok=True)
-        for k, (shape, dtype) in shapes.items():
-            np.lib.format.open_memmap(os.path.join(tmp, f"{k}.npy"), "w+", dtype, shape)
+        np.lib.format.open_memmap(f"{tmp}/latents.npy", "w+", np.float32, shape)
+        np.lib.format.open_memmap(f"{tmp}/labels.npy", "w+", np.int64, (len(samples),))
     dist.barrier()
-    latents, labels = (np.load(os.path.join(tmp, f"{k}.npy"), mmap_mode="r+") for k in shapes)
-    rows, batch = list(range(rank, len(samples), world_size)), args.global_batch_size // world_size
-    loader = DataLoader(ImageFolder(samples, args.image_size), batch_size=batch, sampler=[(i, 0) for i in rows],
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
+    latents = np.load(f"{tmp}/latents.npy", mmap_mode="r+")
+    labels = np.load(f"{tmp}/labels.npy", mmap_mode="r+")
+    rows = list(range(rank, len(samples), dist.get_world_size()))
+    images = ImageFolder(samples, args.image_size)
+    loader = data_loader(images, [(i, 0) for i in rows], args, device, drop_last=False)
     start = time.time()
     for b, (x, y) in enumerate(loader):
-        posterior = vae.encode(torch.cat([x, x.flip(-1)]).to(device))  # images, then their mirrors: (2B, C, h, w)
-        stats = torch.stack([posterior.mean, posterior.std], 1).float().unflatten(0, (2, -1))  # (2, B, 2, C, h, w)
-        these = rows[b * batch: (b + 1) * batch]
-        latents[these], labels[these] = stats.transpose(0, 1).cpu().numpy(), y.numpy()
-        if rank == 0 and b % 20 == 0:
-            done = min(len(samples), (b + 1) * batch * world_size)
-            eta = (time.time() - start) / done * (len(samples) - done)
-            print(f"latent cache: {done}/{len(samples)} images, eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
+        # the images, then their mirrors
+        posterior = vae.encode(torch.cat([x, x.flip(-1)]).to(device))
+        stats = torch.stack([posterior.mean, posterior.std], 1).float()  # (2B, 2, C, h, w)
+        these = rows[b * loader.batch_size: (b + 1) * loader.batch_size]
+        latents[these] = stats.unflatten(0, (2, -1)).transpose(0, 1).cpu().numpy()
+        labels[these] = y.numpy()
+        if rank == 0:
+            progress("latent cache: batches", b + 1, len(loader), start)
     latents.flush()
     labels.flush()
     dist.barrier()
-    if rank == 0:  # meta.json last, then one rename: a cache folder is either complete or absent
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp, path)
-        log(f"Wrote latent cache {path}: {len(samples):,} images x 2 flips in {time.time() - start:.0f} s")
+    if rank == 0:
+        # meta.json last, then one rename: a cache folder is either complete or absent
+        with open(f"{tmp}/meta.json", "w") as f:
+            json.dump(cache_meta(args, samples), f)
+        os.replace(tmp, args.latent_cache)
     dist.barrier()
 
+def cache_meta(args, samples):
+    """What a latent cache depends on: one built for other values is refused."""
+    files = [os.path.relpath(path, args.data_path) for path, _ in samples[::1000]]
+    return dict(image_size=args.image_size, vae=args.vae, num_images=len(samples), files=files)
+
+#################################################################################
+#                           Checkpoints and monitoring                          #
+#################################################################################
 
 @torch.no_grad()
-def save_sample_grid(ema, vae, args, shape, path, device):
-    """A 4x4 PNG grid of EMA samples (DDIM-50, fixed noise and classes); the training RNG is left untouched."""
-    noise = torch.randn(16, *shape, generator=torch.Generator(device).manual_seed(args.global_seed), device=device)
-    y = torch.arange(16, device=device) * args.num_classes // 16  # classes spread over the label range
+def update_ema(ema, model, decay):
+    """ema = decay * ema + (1 - decay) * model, the official arithmetic (with foreach kernels)."""
+    ema_params = list(ema.parameters())
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, list(model.parameters()), alpha=1 - decay)
+
+def save_checkpoint(path, model, ema, opt, scaler, args, position, device):
+    """Rank 0 writes a checkpoint (every rank's random state too) atomically; prunes old ones."""
+    rank = dist.get_rank()
+    rng = [None] * dist.get_world_size()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    dist.all_gather_object(rng, {"cpu": torch.get_rng_state(), "cuda": cuda_rng})
+    step, epoch, batch = position
+    checkpoint = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                  "args": vars(args), "config": model.config, "step": step, "epoch": epoch,
+                  "batch": batch, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                  "world_size": dist.get_world_size(), "rng": rng}
+    error = None
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        if rank == 0:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # model, EMA and AdamW's two moments: 16 bytes per parameter
+        need = 16 * sum(p.numel() for p in model.parameters()) / 2**20
+        error = (f"could not save {path} ({str(e).splitlines()[0]}); it needs about {need:,.0f} "
+                 "MiB: free some space, then --resume from the last checkpoint")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if rank == 0 and error is None and args.keep_last > 0:
+        # the newest --keep-last checkpoints stay, this one included
+        for stale in sorted(glob.glob(f"{os.path.dirname(path)}/*.pt"))[:-args.keep_last]:
+            os.remove(stale)
+    # every rank learns whether it worked, so that all stop together
+    shared = [error]
+    dist.broadcast_object_list(shared)
+    if shared[0] is not None:
+        fail(shared[0])
+
+def create_logger(experiment_dir, rank):
+    """log(message, metrics): rank 0 prints and appends to log.txt, metrics to metrics.jsonl."""
+    def log(message, metrics=None):
+        if rank != 0:
+            return
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+        print(line, flush=True)
+        with open(f"{experiment_dir}/log.txt", "a") as f:
+            print(line, file=f)
+        if metrics is not None:
+            with open(f"{experiment_dir}/metrics.jsonl", "a") as f:
+                print(json.dumps(metrics), file=f)
+    return log
+
+def log_losses(log, running, keys, log_steps, seconds, step, total_steps, last_good, args, model):
+    """Sum the losses over the ranks, stop on NaN, and log their means (also to metrics.jsonl)."""
+    totals = running.clone()
+    dist.all_reduce(totals)
+    if totals[-1] > 0:
+        message = (f"loss is NaN/inf at step {step} or before; resume from the last good "
+                   f"checkpoint {last_good} with a lower --lr (or bf16 instead of fp16)")
+        log(message)
+        fail(message)
+    rate = log_steps / seconds
+    means = (totals[:-1] / (log_steps * dist.get_world_size())).tolist()
+    metrics = {"step": step, **dict(zip(keys, means)), "steps_per_sec": rate,
+               "img_per_sec": rate * args.global_batch_size}
+    left = round((total_steps - step) / rate)
+    line = (f"(step={step:07d}) " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+            + f" | {rate:.2f} steps/s, {metrics['img_per_sec']:.1f} img/s, "
+            + f"ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
+    if running.device.type == "cuda":
+        # training = 3x the forward flops (the backward pass is 2x), 2 flops a multiply-add
+        metrics["tflops"] = 3 * 2 * model.gflops() * metrics["img_per_sec"] / 1e3
+        metrics["peak_gib"] = torch.cuda.max_memory_allocated(running.device) / 2**30
+        line += f" | peak {metrics['peak_gib']:.1f} GiB, {metrics['tflops']:.1f} TFLOP/s"
+    log(line, metrics)
+
+@torch.no_grad()
+def save_sample_grid(ema, vae, args, path, device):
+    """A 4x4 PNG grid of EMA samples (fixed noise and labels); the training RNG is untouched."""
+    size = ema.config["input_size"]
+    generator = torch.Generator(device).manual_seed(args.global_seed)
+    z = torch.randn(16, ema.in_channels, size, size, generator=generator, device=device)
+    y = torch.tensor(sample.default_labels(args.num_classes, 16), device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        x = create_diffusion("ddim50", learn_sigma=ema.learn_sigma).ddim_sample_loop(
-            ema, noise.shape, noise=noise, clip_denoised=vae is None, model_kwargs=dict(y=y), device=device)
-        x = x if vae is None else vae.decode(x / vae.scaling_factor + vae.shift_factor)
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (16, 3, H, W)
-    grid = x.unflatten(0, (4, 4)).permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)  # (4 * H, 4 * W, 3)
-    Image.fromarray(grid.numpy()).save(path + ".tmp", format="PNG")
-    os.replace(path + ".tmp", path)
+        x = sample.sample(ema, sample.sampling_loop("ddim", 50), z, y, clip_denoised=vae is None)
+        grid = sample.make_grid(sample.to_uint8(sample.decode(vae, x)))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sample.atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+
+def prepare_fid(args, rank, device):
+    """The Inception network on every rank (loaded once), and rank 0's reference statistics."""
+    # rank 0 first: it downloads the weights, the other ranks then find them in the cache
+    if rank > 0:
+        dist.barrier()
+    inception = fid.load_inception(args.fid_inception, device)
+    if rank > 0:
+        return inception, None
+    (mu, sigma), _, _ = fid.reference(args.fid_ref, inception, 50)
+    dist.barrier()
+    return inception, (mu, sigma)
+
+def fid_images(ema, vae, args, rank, world_size, device):
+    """This rank's share of the FID samples, batches of uint8 images (a generator of its own)."""
+    generator = torch.Generator(device).manual_seed(args.global_seed * world_size + rank)
+    per_rank = math.ceil(args.fid_num_samples / world_size)
+    cfg_scale = args.fid_cfg_scale if args.fid_cfg_scale > 1 else None
+    loop = sample.sampling_loop("ddim", args.fid_steps)
+    return sample.generate(ema, vae, loop, per_rank, args.global_batch_size // world_size,
+                           generator, cfg_scale, clip_denoised=vae is None)
+
+@torch.no_grad()
+def evaluate_fid(ema, vae, args, inception, reference, step, log, device):
+    """Log FID and Inception Score of the EMA's samples against the reference (all ranks sample)."""
+    rank = dist.get_rank()
+    world_size = dist.get_world_size()
+    features = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for images, _ in fid_images(ema, vae, args, rank, world_size, device):
+            pool3, _, logits = inception(images)
+            features.append(torch.cat([pool3, logits], 1))  # (B, 2048 + 1008)
+    features = torch.cat(features)
+    gathered = [torch.empty_like(features) for _ in range(world_size)]
+    dist.all_gather(gathered, features)
+    if rank > 0:
+        return
+    features = torch.cat(gathered)[: args.fid_num_samples].double().cpu().numpy()
+    fid_value = fid.frechet_distance(*fid.statistics(features[:, :2048]), *reference)
+    inception_score = fid.inception_score(features[:, 2048:])
+    log(f"(step={step:07d}) FID {fid_value:.4f}, IS {inception_score:.4f} "
+        f"({args.fid_num_samples} EMA samples, DDIM-{args.fid_steps})",
+        {"step": step, "fid": fid_value, "is": inception_score})
 
 #################################################################################
-#                                  Training Loop                                #
+#                                 Training Loop                                 #
 #################################################################################
 
-def train(args, rank, world_size, device):
-    """Check every input (bad input stops before any compute), then build everything and run the official loop."""
+def check_args(args, world_size):
+    """Check the inputs before anything is downloaded or computed (parse_args checks the flags)."""
     if args.global_batch_size % world_size:
-        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes; change it")
+        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} "
+             f"processes; use a multiple of {world_size}")
     if args.latent_cache and args.vae == "none":
         fail("--latent-cache needs a VAE; drop it for pixel-space training (--vae none)")
     try:
-        model_kwargs = dict(json.loads(args.model_kwargs))
+        kwargs = json.loads(args.model_kwargs)
+        # built on the meta device (no memory, no compute): unknown names, heads, block designs
+        with torch.device("meta"):
+            create_dit(args.model, **{**kwargs, "input_size": kwargs.get("patch_size", 8)})
     except (ValueError, TypeError) as e:
-        fail(f"--model-kwargs must be a JSON object such as '{{\"depth\": 4}}' ({e})")
-    args.model_kwargs = json.dumps(model_kwargs, sort_keys=True)  # canonical: compared on resume
+        fail(f"--model-kwargs {args.model_kwargs} is not a JSON object of DiT arguments ({e}); "
+             "e.g. '{\"depth\": 4}'")
+    if not os.path.isdir(args.data_path):
+        fail(f"--data-path {args.data_path} is not a folder; put the images in <it>/<class>/")
     classes, samples = find_images(args.data_path)
+    if not samples:
+        fail(f"--data-path {args.data_path} has no images ({' '.join(IMAGE_EXTENSIONS)}) in "
+             "class sub-folders; put them in <data-path>/<class>/")
     if args.num_classes != 1 and len(classes) > args.num_classes:
-        fail(f"--data-path has {len(classes)} class folders but --num-classes is {args.num_classes}; raise it (or 1)")
-    batch = args.global_batch_size // world_size
-    steps_per_epoch = len(epoch_order(len(samples), 0, 0, rank, world_size)) // batch
-    if steps_per_epoch == 0:
-        fail(f"{len(samples)} images do not fill one batch of {args.global_batch_size}; lower --global-batch-size")
-    vae = None if args.vae == "none" else load_vae(args.vae, device=device)
-    factor, patch = 1 if vae is None else vae.downsample_factor, model_kwargs.get("patch_size", int(args.model[-1]))
-    if args.image_size % (factor * patch):
-        fail(f"--image-size {args.image_size} is not a multiple of {factor * patch} (VAE down-sampling {factor} x "
-             f"patch size {patch}); use e.g. {max(1, round(args.image_size / (factor * patch))) * factor * patch}")
-    if args.latent_cache:  # what the cache depends on; one built with other values is refused
-        meta = {"image_size": args.image_size, "vae": args.vae, "num_images": len(samples),
-                "files": [os.path.relpath(p, args.data_path) for p, _ in samples[:: max(1, len(samples) // 1000)]]}
-        meta_path = os.path.join(args.latent_cache, "meta.json")
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                if json.load(f) != meta:
-                    fail(f"--latent-cache {args.latent_cache} holds other images or settings; delete it or use another")
-    latent_size, channels = args.image_size // factor, 3 if vae is None else vae.config["latent_channels"]
-    kwargs = dict(input_size=latent_size, in_channels=channels, num_classes=args.num_classes)
-    model = DiT(**{"patch_size": patch, **model_kwargs}, **kwargs) if model_kwargs else DiT_models[args.model](**kwargs)
-    model.grad_checkpointing = args.grad_checkpointing
-    ckpt = last_good = None
-    if args.resume:  # a checkpoint file, or the latest (zero-padded step names) of an experiment folder
-        found = [args.resume] if os.path.isfile(args.resume) else glob.glob(f"{args.resume}/**/*.pt", recursive=True)
-        last_good = max(found, key=os.path.basename, default=args.resume)
-        try:  # memory-mapped: the ranks of a node share one copy in the page cache
-            ckpt = torch.load(last_good, map_location="cpu", weights_only=True, mmap=True)
-            step = ckpt["step"]  # official checkpoints fail here (no training state) or above (a pickled Namespace)
-        except Exception as e:
-            fail(f"--resume {last_good} is not a checkpoint written by this train.py, nor a folder with one ({e!r})")
-        for key in ("model", "model_kwargs", "image_size", "num_classes", "global_batch_size", "global_seed", "vae"):
-            if ckpt["args"].get(key) != getattr(args, key):
-                fail(f"--resume {last_good} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, "
-                     f"not {getattr(args, key)}; pass the same value to resume")
-        model.load_state_dict(ckpt["model"])
+        fail(f"--data-path has {len(classes)} class folders but --num-classes is "
+             f"{args.num_classes}; raise it (or use 1: unconditional)")
+    if math.ceil(len(samples) / world_size) < args.global_batch_size // world_size:
+        fail(f"{len(samples)} images do not fill a batch of {args.global_batch_size}; lower "
+             "--global-batch-size")
+    if not any(read_image(path, args.image_size) is not None for path, _ in samples):
+        fail(f"none of the {len(samples)} images in --data-path can be read")
+    meta = f"{args.latent_cache}/meta.json"
+    if args.latent_cache and os.path.exists(meta):
+        with open(meta) as f:
+            if json.load(f) != cache_meta(args, samples):
+                fail(f"--latent-cache {args.latent_cache} holds other images or settings; delete "
+                     "it or use another folder")
+    if args.resume and not os.path.exists(args.resume):
+        fail(f"--resume {args.resume} does not exist; give a checkpoint or an experiment folder")
+    if args.fid_every and not (args.fid_ref and os.path.exists(args.fid_ref)):
+        fail(f"--fid-ref {args.fid_ref} does not exist; --fid-every needs an ADM .npz, a "
+             "fid.py --save-stats .npz or an image folder")
+    if args.fid_every and args.fid_inception and not os.path.isfile(args.fid_inception):
+        fail(f"--fid-inception {args.fid_inception} is not a file")
+    try:
+        create_diffusion(f"ddim{args.fid_steps}")
+    except ValueError as e:
+        fail(f"--fid-steps {args.fid_steps}: {e}")
+    return classes, samples
 
-    # Experiment folder, official layout (results/NNN-DiT-XL-2/checkpoints/0050000.pt); resume continues in it:
-    shared = [os.path.dirname(os.path.dirname(os.path.abspath(last_good))) if ckpt is not None else None]
-    if ckpt is None and rank == 0:
-        shared[0] = f"{args.results_dir}/{len(glob.glob(f'{args.results_dir}/*')):03d}-{args.model.replace('/', '-')}"
-        os.makedirs(f"{shared[0]}/checkpoints", exist_ok=True)
-    dist.broadcast_object_list(shared)  # the folder rank 0 picked
-    experiment_dir = shared[0]
+def load_resume(args, model):
+    """(checkpoint, path) to resume: the file, or the newest checkpoint of an experiment folder."""
+    path = args.resume
+    if os.path.isdir(path):
+        # zero-padded step numbers: the newest sorts last
+        path = max(glob.glob(f"{path}/**/*.pt", recursive=True), key=os.path.basename,
+                   default=f"{path}/checkpoints/*.pt")
+    try:
+        # memory-mapped: the ranks of a node share one copy in the page cache
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt["step"]
+    except Exception as e:
+        fail(f"--resume {path} is not a checkpoint written by this train.py ({type(e).__name__})")
+    for key in ("model", "model_kwargs", "image_size", "num_classes", "global_batch_size",
+                "global_seed", "vae"):
+        if ckpt["args"].get(key) != getattr(args, key):
+            fail(f"--resume {path} was trained with --{key.replace('_', '-')} "
+                 f"{ckpt['args'].get(key)}, not {getattr(args, key)}; pass the same value")
+    model.load_state_dict(ckpt["model"])
+    return ckpt, path
 
-    def log(message):
-        """Rank 0 logs to stdout and experiment_dir/log.txt (appended to on resume); other ranks stay quiet."""
-        if rank == 0:
-            line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
-            print(line, flush=True)
-            with open(f"{experiment_dir}/log.txt", "a") as f:
-                print(line, file=f)
+def experiment_folder(args, resume_path, rank):
+    """The run's folder: the resumed checkpoint's experiment, else a new results/NNN-<model>."""
+    checkpoints = os.path.dirname(os.path.abspath(resume_path or "."))
+    if resume_path and os.path.basename(checkpoints) == "checkpoints":
+        return os.path.dirname(checkpoints)
+    # a new folder in the official layout (also for a checkpoint kept elsewhere)
+    shared = [None]
+    if rank == 0:
+        os.makedirs(args.results_dir, exist_ok=True)
+        index = len(glob.glob(f"{args.results_dir}/*"))
+        shared[0] = f"{args.results_dir}/{index:03d}-{args.model.replace('/', '-')}"
+        os.makedirs(f"{shared[0]}/checkpoints")
+    dist.broadcast_object_list(shared)
+    return shared[0]
 
-    log(f"{'Resuming from ' + last_good if ckpt else 'New experiment ' + experiment_dir} ({world_size} processes)")
-    log(f"DiT parameters: {sum(p.numel() for p in model.parameters()):,}, {model.gflops():.2f} Gflops/image")
-    if args.latent_cache and not os.path.exists(meta_path):
-        build_cache(args.latent_cache, meta, samples, args, vae, device, log)
-    dataset = LatentCache(args.latent_cache) if args.latent_cache else ImageFolder(samples, args.image_size)
-    total_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
+def build_dataset(args, samples, vae, device, log):
+    """The training images, or their VAE posteriors from --latent-cache (built on first use)."""
+    if not args.latent_cache:
+        return ImageFolder(samples, args.image_size)
+    if not os.path.exists(f"{args.latent_cache}/meta.json"):
+        build_cache(args, samples, vae, device)
+        log(f"Wrote latent cache {args.latent_cache}: {len(samples):,} images and their mirrors")
+    return LatentCache(args.latent_cache)
 
-    # Model, EMA (a copy of rank 0's initial weights), optimizer:
+def build_state(model, ckpt, args, rank, world_size, device):
+    """(net, ema, opt, scaler): fresh, or restored from ckpt with every rank's random state."""
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=device.type in ("cuda", "cpu"))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 only
-    net = torch.compile(model) if args.compile else model
-    net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else net
-    ema = deepcopy(model).requires_grad_(False).eval()  # after DDP: it broadcast rank 0's weights
-    step, epoch, start_batch = (ckpt["step"], ckpt["epoch"], ckpt["batch"]) if ckpt is not None else (0, 0, 0)
-    if ckpt is not None:
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        if ckpt["scaler"] is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        if ckpt["world_size"] == world_size:  # every rank continues its own random streams
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-        else:  # another world size: fresh streams, so the resume is not bit-exact
-            torch.manual_seed((args.global_seed * world_size + rank) * 1_000_003 + step)
-    params, ema_params = list(model.parameters()), list(ema.parameters())
-    diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)  # 1000 steps, linear betas
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    model.train()  # enables label dropout for classifier-free guidance
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0,
+                            fused=device.type in ("cuda", "cpu"))
+    # fp16 needs loss scaling; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    net = model
+    if world_size > 1:
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        net = torch.compile(net)
+    # after DDP, which broadcast rank 0's weights: the EMA starts as a copy of them
+    ema = deepcopy(model).requires_grad_(False).eval()
+    if ckpt is None:
+        return net, ema, opt, scaler
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    if ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["world_size"] != world_size:
+        # another number of processes: fresh streams, so the resume is not bit-exact
+        torch.manual_seed((args.global_seed * world_size + rank) * 1_000_003 + ckpt["step"])
+        return net, ema, opt, scaler
+    # every rank continues its own random streams: the resume is exact
+    torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+    if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+    return net, ema, opt, scaler
 
-    def model_fn(x, t, y):
-        """The DiT under autocast, returning float32 so that the diffusion loss math stays float32."""
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            return net(x, t, y).float()
+def train(args, rank, world_size, device):
+    """Check the inputs, build or restore the training state, then run the official loop."""
+    classes, samples = check_args(args, world_size)
+    vae = None if args.vae == "none" else load_vae(args.vae, device=device)
+    model = sample.build_model(args, vae)
+    model.grad_checkpointing = args.grad_checkpointing
+    ckpt, last_good = load_resume(args, model) if args.resume else (None, None)
+    experiment_dir = experiment_folder(args, last_good, rank)
+    log = create_logger(experiment_dir, rank)
+    log(f"Resuming from {last_good}" if ckpt else f"New experiment {experiment_dir}")
+    dataset = build_dataset(args, samples, vae, device, log)
+    net, ema, opt, scaler = build_state(model, ckpt, args, rank, world_size, device)
+    inception, reference = prepare_fid(args, rank, device) if args.fid_every else (None, None)
+    diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)
+    ctx = torch.autocast(device.type, dtype=AMP[args.precision], enabled=args.precision != "fp32")
+    steps_per_epoch = math.ceil(len(samples) / world_size) // (args.global_batch_size // world_size)
+    total_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
+    step, epoch, start_batch = (ckpt["step"], ckpt["epoch"], ckpt["batch"]) if ckpt else (0, 0, 0)
+    log(f"{len(samples):,} images in {len(classes)} classes, {model.gflops():.2f} Gflops/image DiT "
+        f"of {sum(p.numel() for p in model.parameters()):,} parameters; steps {step} to "
+        f"{total_steps} in {args.precision}, {world_size} process(es)")
 
+    # Important: train mode enables the label dropout that classifier-free guidance needs
+    model.train()
     keys = ["loss", "mse", "vb"] if model.learn_sigma else ["loss", "mse"]
-    running = torch.zeros(len(keys) + 1, device=device)  # sums of the losses + a NaN flag, kept on the device
-    log_steps, start_time = 0, time.time()
-    log(f"Dataset contains {len(samples):,} images in {len(classes)} classes ({args.data_path}), {steps_per_epoch:,} "
-        f"steps per epoch; training from step {step} to {total_steps} in {args.precision}")
+    # the losses summed on the device, and a NaN flag: the loop syncs with the host only to log
+    running = torch.zeros(len(keys) + 1, device=device)
+    log_steps = 0
+    start_time = time.time()
     while step < total_steps:
-        order = epoch_order(len(samples), epoch, args.global_seed, rank, world_size)
-        loader = DataLoader(dataset, batch_size=batch, sampler=order[start_batch * batch:], drop_last=True,
-                            num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator())  # its own generator: the global RNG stays untouched
+        items = epoch_order(len(samples), epoch, args.global_seed, rank, world_size)
+        skip = start_batch * (args.global_batch_size // world_size)
+        loader = data_loader(dataset, items[skip:], args, device)
         for batch_index, (x, y) in enumerate(loader, start=start_batch):
             x = to_latent(x.to(device, non_blocking=True), vae, cached=bool(args.latent_cache))
-            y = (y * 0 if args.num_classes == 1 else y).to(device, non_blocking=True)  # unconditional: class 0 (+ null)
+            # unconditional models (--num-classes 1) see every image as class 0
+            y = y.to(device, non_blocking=True) * (args.num_classes > 1)
             t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            losses = diffusion.training_losses(model_fn, x, t, dict(y=y))
+            # forward and loss under autocast (bf16/fp16 matmuls, float32 loss math)
+            with ctx:
+                loss_dict = diffusion.training_losses(net, x, t, dict(y=y))
+            loss = loss_dict["loss"].mean()
             opt.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"].mean()).backward()
+            scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            with torch.no_grad():  # EMA: ema = 0.9999 * ema + 0.0001 * param, the official arithmetic, foreach
-                torch._foreach_mul_(ema_params, 0.9999)
-                torch._foreach_add_(ema_params, params, alpha=1 - 0.9999)
-                means = torch.stack([losses[k].mean() for k in keys])
+            update_ema(ema, model, args.ema_decay)
+
+            # Log loss values:
+            with torch.no_grad():
+                means = torch.stack([loss_dict[k].mean() for k in keys])
                 running += torch.cat([means, (~torch.isfinite(means).all())[None]])
-            step, log_steps = step + 1, log_steps + 1
+            step += 1
+            log_steps += 1
             done = step >= total_steps
             save = step % args.ckpt_every == 0 or done
-            if step % args.log_every == 0 or save:  # the loop's only host sync; checked before any checkpoint
-                totals, rate = running.clone(), log_steps / (time.time() - start_time)
-                dist.all_reduce(totals)  # summed over ranks
-                if totals[-1] > 0:  # said in log.txt too
-                    log(message := f"loss is NaN/inf at step {step} or before; last good checkpoint: {last_good}")
-                    fail(message + ". Resume from it with a lower --lr, or use --precision bf16/fp32 instead of fp16")
-                losses_avg = (totals[:-1] / (log_steps * world_size)).tolist()
-                line = (f"(step={step:07d}) " + ", ".join(f"{k} {v:.4f}" for k, v in zip(keys, losses_avg)) +
-                        f" | {rate:.2f} steps/s, {rate * args.global_batch_size:.1f} img/s, "
-                        f"eta {(total_steps - step) / rate / 3600:.2f} h")
-                if device.type == "cuda":  # training = 3x the forward flops (backward is 2x)
-                    line += (f" | peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB, "
-                             f"{3 * model.gflops() * rate * batch / 1e3:.1f} TFLOP/s per GPU")
-                log(line)
+            if step % args.log_every == 0 or save:
+                # before any checkpoint is written: a NaN loss stops the run here
+                seconds = time.time() - start_time
+                log_losses(log, running, keys, log_steps, seconds, step, total_steps, last_good,
+                           args, model)
                 running.zero_()
-                log_steps, start_time = 0, time.time()
+                log_steps = 0
+                start_time = time.time()
+
+            # Save DiT checkpoint:
             if save:
-                rng = [None] * world_size  # every rank's generators
-                cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-                dist.all_gather_object(rng, {"cpu": torch.get_rng_state(), "cuda": cuda_rng})
-                path = f"{experiment_dir}/checkpoints/{step:07d}.pt"
-                if rank == 0:  # written to a temporary name, then renamed: a checkpoint is complete or absent
-                    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                "args": vars(args), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                                "step": step, "epoch": epoch, "batch": batch_index + 1, "world_size": world_size,
-                                "rng": rng}, path + ".tmp")
-                    os.replace(path + ".tmp", path)
-                    log(f"Saved checkpoint to {path}")
-                    for stale in sorted(glob.glob(f"{experiment_dir}/checkpoints/*.pt"))[:-args.keep_last]:
-                        os.remove(stale)  # all but the newest --keep-last (0: [:-0] is empty, none)
-                last_good = path
-                dist.barrier()
+                last_good = f"{experiment_dir}/checkpoints/{step:07d}.pt"
+                position = (step, epoch, batch_index + 1)
+                save_checkpoint(last_good, model, ema, opt, scaler, args, position, device)
+                log(f"Saved checkpoint to {last_good}")
+
+            # Monitor: EMA sample grids and FID
             if args.sample_every and (step % args.sample_every == 0 or done) and rank == 0:
-                path = f"{experiment_dir}/samples/{step:07d}.png"
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                save_sample_grid(ema, vae, args, (channels, latent_size, latent_size), path, device)
-                log(f"Saved EMA samples to {path}")
+                save_sample_grid(ema, vae, args, f"{experiment_dir}/samples/{step:07d}.png", device)
+                log(f"Saved EMA samples to {experiment_dir}/samples/{step:07d}.png")
+            if args.fid_every and (step % args.fid_every == 0 or done):
+                evaluate_fid(ema, vae, args, inception, reference, step, log, device)
             if done:
                 break
-        epoch, start_batch = epoch + 1, 0
+        epoch += 1
+        start_batch = 0
     log("Done!")
-
+    # every rank done before the process group goes (gloo aborts if one leaves too early)
+    dist.barrier()
 
 def parse_args(argv=None):
-    """The official flags with their defaults, plus resume, caching, pixel-space and speed options."""
-    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-path", type=str, required=True, help="image folder: one sub-folder per class")
-    p.add_argument("--results-dir", type=str, default="results", help="experiment folders go here")
-    p.add_argument("--model", type=str, choices=list(DiT_models.keys()), default="DiT-XL/2", help="DiT config")
-    p.add_argument("--image-size", type=int, default=256, help="pixels (square)")
-    p.add_argument("--num-classes", type=int, default=1000, help="1: unconditional (class folders are ignored)")
-    p.add_argument("--epochs", type=int, default=1400, help="passes over the data")
-    p.add_argument("--global-batch-size", type=int, default=256, help="images per step, over all processes")
-    p.add_argument("--global-seed", type=int, default=0, help="seeds data order, weights and noise")
-    p.add_argument("--vae", type=str, default="ema", help="ema, mse, a HF repo id, a VAE folder or file; none: pixels")
-    p.add_argument("--num-workers", type=int, default=4, help="data loader processes per GPU/process")
-    p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
-    p.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (and save a checkpoint)")
-    p.add_argument("--resume", type=str, default=None, help="a checkpoint, or an experiment folder (its latest)")
-    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
-    p.add_argument("--latent-cache", type=str, default=None, help="folder of VAE posteriors, built on first use")
-    p.add_argument("--sample-every", type=int, default=0, help="write a grid of EMA samples every N steps")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
-    p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions (Ampere or newer GPUs)")
+    """The official flags and defaults, plus resume, caching, speed and monitoring flags."""
+    p = argparse.ArgumentParser(prog="train.py", description="Train a class-conditional DiT "
+                                "with DDP.", epilog=EXAMPLES, formatter_class=Help)
+    p.add_argument("--data-path", type=str, required=True, help="folder of <class>/<images>")
+    p.add_argument("--results-dir", type=str, default="results", help="experiments go here")
+    p.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2")
+    p.add_argument("--image-size", type=count(1), default=256, help="pixels (square)")
+    p.add_argument("--num-classes", type=count(1), default=1000, help="1: unconditional")
+    p.add_argument("--epochs", type=count(1), default=1400, help="passes over the data")
+    p.add_argument("--global-batch-size", type=count(1), default=256, help="over all processes")
+    p.add_argument("--global-seed", type=int, default=0, help="data order, weights, noise")
+    p.add_argument("--vae", type=str, default="ema", help="ema, mse, repo id, folder, file; none")
+    p.add_argument("--num-workers", type=count(0), default=None,
+                   help="loader processes per process (default: 4 with a GPU, 0 on the CPU)")
+    p.add_argument("--log-every", type=count(1), default=100, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=count(1), default=50_000, help="steps between checkpoints")
+    p.add_argument("--lr", type=number(0, math.inf), default=1e-4, help="AdamW learning rate")
+    p.add_argument("--ema-decay", type=number(0, 1), default=0.9999,
+                   help="0.9999^N of the initial weights remain after N steps: short runs want "
+                        "0.999 or 0.99")
+    p.add_argument("--max-steps", type=count(1), default=None, help="stop (and save) at this step")
+    p.add_argument("--resume", type=str, default=None,
+                   help="a checkpoint, or an experiment folder (its newest checkpoint)")
+    p.add_argument("--keep-last", type=count(0), default=0, help="keep the newest N (0: all)")
+    p.add_argument("--latent-cache", type=str, default=None,
+                   help="folder of the data's VAE posteriors, built on first use")
+    p.add_argument("--sample-every", type=count(0), default=0, help="EMA sample grid every N steps")
+    p.add_argument("--precision", choices=list(AMP), default="fp32", help="autocast dtype")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions on GPUs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--model-kwargs", type=str, default="{}", help="DiT(**JSON) instead of the --model preset")
+    p.add_argument("--grad-checkpointing", action="store_true", help="less memory, more compute")
+    p.add_argument("--model-kwargs", type=str, default="{}",
+                   help="JSON of DiT arguments over the --model preset, e.g. '{\"depth\": 4}'")
+    p.add_argument("--fid-every", type=count(0), default=0, help="FID and IS every N steps and at "
+                   "the end")
+    p.add_argument("--fid-ref", type=str, default=None,
+                   help="FID reference: ADM .npz, fid.py --save-stats .npz or image folder")
+    p.add_argument("--fid-num-samples", type=count(2), default=10_000, help="EMA samples per FID")
+    p.add_argument("--fid-steps", type=count(1), default=50, help="DDIM steps of the FID samples")
+    p.add_argument("--fid-cfg-scale", type=number(0, math.inf), default=1.0,
+                   help="their guidance (1: none)")
+    p.add_argument("--fid-inception", type=str, default=None,
+                   help="Inception weights file (default: fid.py's cached download)")
     return p.parse_args(argv)
 
+EXAMPLES = """examples:
+  python train.py --model DiT-XL/2 --data-path /imagenet/train --precision bf16 --tf32
+  torchrun --nproc_per_node=8 train.py --model DiT-XL/2 --data-path /imagenet/train \\
+      --fid-every 50000 --fid-ref VIRTUAL_imagenet256_labeled.npz
+  python train.py --model DiT-S/2 --vae none --image-size 8 --num-classes 10 \\
+      --data-path digits --ema-decay 0.99 --max-steps 1500 --sample-every 500"""
 
 def main(argv=None):
-    """Join the process group (torchrun's, or a group of one for plain python; or the caller's), train, leave."""
+    """Join the process group (torchrun's, a group of one, or the caller's), train, leave."""
     args = parse_args(argv)
-    backend, own_group = "nccl" if torch.cuda.is_available() else "gloo", not dist.is_initialized()
-    if own_group:  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; plain python: a group of one
+    own_group = not dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if own_group:
+        # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; plain python: one process
         alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group(backend, **alone)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
+    rank = dist.get_rank()
+    world_size = dist.get_world_size()
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     # The official script always enables TF32; here it is opt-in, so fp32 means fp32:
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    torch.manual_seed(args.global_seed * world_size + rank)  # as official: each rank its own random stream
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    # as official: each rank its own random stream
+    torch.manual_seed(args.global_seed * world_size + rank)
     try:
         train(args, rank, world_size, device)
+    except (OSError, ValueError) as e:
+        # a failed download, a corrupt file: one line that says what to do
+        fail(str(e))
     finally:
-        if own_group:  # a caller's group (train.main from a script) stays
+        # DDP's reducer sits in a reference cycle and holds the group: freed first, or gloo may
+        # abort the process at exit ("terminate called without an active exception")
+        gc.collect()
+        if own_group:
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()
