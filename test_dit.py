@@ -1,20 +1,36 @@
 """
-Tests for the whole project: python -m pytest test_dit.py -q
-Golden numbers (golden.json, next to this file) were computed by the reference implementations
-(official DiT, diffusers' AutoencoderKL, torch-fidelity's TF Inception) on deterministically filled weights.
+The tests of the whole project, one section per file in README's order: sample.py, train.py,
+fid.py, dit.py, diffusion.py, vae.py (and benchmarks/gpu_check.py last).
+
+    python -m pytest test_dit.py -q                  # everything, as CI runs it
+    python -m pytest test_dit.py -q -m "not slow"    # a sanity run that touches every file
+
+Every test is named test_<file>_<behaviour>: `-k sample`, `-k train`, `-k fid`, `-k diffusion`,
+`-k vae` select the tests of one file (for dit.py use `-k test_dit_`: `-k dit` also matches the name
+of this file, so it selects everything). Tests marked slow take more than ~2 s each: torchrun
+launches and the FID evaluation while training. No network is used: downloads come from local
+servers that the tests start.
+
+The golden numbers come from golden.json (next to this file), loaded once into GOLDEN: the reference
+implementations (the official DiT code, diffusers' AutoencoderKL and DPMSolverMultistepScheduler,
+torch-fidelity's port of the TF Inception) computed them on weights filled by fill_ below.
 """
 import argparse
 import functools
 import hashlib
 import http.server
+import inspect
 import json
 import math
 import os
 import re
+import shutil
+import socket
 import struct
 import subprocess
 import sys
 import threading
+import types
 
 import numpy as np
 from PIL import Image
@@ -22,24 +38,25 @@ import pytest
 import torch
 
 from diffusion import create_diffusion
-import diffusion
-from dit import DiT, DiT_models, find_model
 import dit
 import fid
 import sample
 import train
 import vae
-import vae as vae_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GOLDEN = json.load(open(os.path.join(HERE, "golden.json")))
+with open(os.path.join(HERE, "golden.json")) as f:
+    GOLDEN = json.load(f)
 
 #################################################################################
-#                                 Shared helpers                                #
+#                                    Helpers                                    #
 #################################################################################
 
-def fill_(state_dict, seed=0):
-    """The golden weight fill (see golden.json's provenance): deterministic values on sorted key names."""
+def fill_(state_dict, seed=0, scale=1.0):
+    """The golden weight fill (see golden.json's provenance): deterministic values, drawn in the
+    order of the sorted key names, so that every output depends on every layer. scale multiplies
+    the weights of 2 or more dimensions (below 1: deep stacks do not saturate). Returns
+    state_dict, filled in place (a module's state_dict() fills the module)."""
     g = torch.Generator().manual_seed(seed)
     for name in sorted(state_dict):
         t = state_dict[name]
@@ -51,36 +68,69 @@ def fill_(state_dict, seed=0):
         elif name.endswith("running_mean"):
             v = 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
         elif t.dim() >= 2:
-            v = torch.randn(shape, generator=g, dtype=torch.float64) * math.sqrt(2 / (t.numel() // shape[0]))
+            fan_in = t.numel() // shape[0]
+            v = torch.randn(shape, generator=g, dtype=torch.float64) * math.sqrt(2 / fan_in) * scale
         elif t.dim() == 1 and name.endswith("weight"):
             v = 1 + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
         else:
             v = 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
         with torch.no_grad():
             t.copy_(v.to(t.dtype))
+    return state_dict
 
 
 def randn(shape, seed):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
+    """Standard normal float32 numbers, drawn in float64 from their own generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).float()
+
+
+def projections(x):
+    """The 8 random projections of golden.json's summaries (x flattened, float64)."""
+    for k in range(8):
+        g = torch.Generator().manual_seed(12345 + k)
+        yield torch.dot(x, torch.randn(x.numel(), generator=g, dtype=torch.float64)).item()
 
 
 def assert_summary(x, ref, rtol=1e-4, atol=1e-4):
-    """Compare a tensor with a golden summary: shape, sums, strided values and 8 random projections."""
+    """Compare a tensor with a golden summary: shape, sums, strided values, 8 random projections."""
     assert list(x.shape) == list(ref["shape"])
     x = x.detach().double().flatten()
     scale = x.abs().max().item() + 1e-12
+    sum_atol = atol * scale * x.numel() ** 0.5
     for key, val in [("sum", x.sum()), ("abs_sum", x.abs().sum()), ("sq_sum", x.square().sum())]:
-        assert val.item() == pytest.approx(ref[key], rel=rtol, abs=atol * scale * x.numel() ** 0.5), key
+        assert val.item() == pytest.approx(ref[key], rel=rtol, abs=sum_atol), key
     vals = x[:: ref["stride"]][: len(ref["values"])]
-    assert torch.allclose(vals, torch.tensor(ref["values"], dtype=torch.float64), rtol=rtol, atol=atol * scale)
-    for k, p in enumerate(ref["proj8"]):
-        proj = torch.dot(x, torch.randn(x.numel(), generator=torch.Generator().manual_seed(12345 + k), dtype=torch.float64))
-        assert proj.item() == pytest.approx(p, rel=rtol, abs=atol * scale * x.numel() ** 0.5), f"proj8[{k}]"
+    expected = torch.tensor(ref["values"], dtype=torch.float64)
+    assert torch.allclose(vals, expected, rtol=rtol, atol=atol * scale)
+    for k, (proj, p) in enumerate(zip(projections(x), ref["proj8"])):
+        assert proj == pytest.approx(p, rel=rtol, abs=sum_atol), f"proj8[{k}]"
+
+
+def assert_sum_and_proj8(x, ref):
+    """The DPM-Solver++ goldens' own check (see their "about"): the sum and the 8 projections
+    within 1e-4 * sqrt(sq_sum) of the golden summary."""
+    assert list(x.shape) == ref["shape"]
+    x = x.double().flatten()
+    tol = 1e-4 * ref["sq_sum"] ** 0.5
+    assert abs(x.sum().item() - ref["sum"]) < tol, "sum"
+    for k, (proj, p) in enumerate(zip(projections(x), ref["proj8"])):
+        assert abs(proj - p) < tol, f"proj8[{k}]"
+
+
+@functools.lru_cache(maxsize=None)
+def golden_dit():
+    """golden.json's DiT-S/2 with the golden fill, built once: (model, its golden entry)."""
+    g = GOLDEN["dit"]
+    model = dit.DiT_models[g["model"]](input_size=g["input_size"], num_classes=g["num_classes"])
+    model.eval()
+    fill_(model.state_dict(), g["weights_seed"])
+    return model, g
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tests run tiny models: one thread is faster, and torchrun children start 2 processes of their own."""
+    """Tests run tiny models: one thread is faster, and torchrun children start 2 processes."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -88,709 +138,1154 @@ def one_thread():
 
 
 @pytest.fixture
-def http_server(tmp_path):
-    """A local HTTP server over a folder the test fills; yields (root folder, base URL, request log)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    log = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            log.append(self.path)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}", log
-    server.shutdown()
-
-#################################################################################
-#                                    dit.py                                     #
-#################################################################################
-
-def tiny_dit(**kwargs):
-    return DiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10, **kwargs)
-
-
-@functools.lru_cache(maxsize=None)
-def golden_dit():
-    g = GOLDEN["dit"]
-    model = DiT_models[g["model"]](input_size=g["input_size"], num_classes=g["num_classes"]).eval()
-    fill_(model.state_dict(), g["weights_seed"])
-    return model, g
-
-
-def test_dit_state_dict_matches_official_names_and_shapes():
-    model, g = golden_dit()
-    assert {k: list(v.shape) for k, v in model.state_dict().items()} == g["state_dict_keys"]
-    assert list(model.state_dict()) == list(g["state_dict_keys"])  # same order too
-
-
-def test_dit_forward_matches_official():
-    model, g = golden_dit()
-    x = randn(g["x_shape"], g["x_seed"])
-    with torch.no_grad():
-        out = model(x, torch.tensor(g["t"]), torch.tensor(g["y"]))
-    assert_summary(out, g["forward"])
-
-
-def test_dit_forward_with_cfg_matches_official():
-    model, g = golden_dit()
-    c = g["cfg"]
-    x = randn(g["x_shape"], g["x_seed"])[:1].repeat(2, 1, 1, 1)
-    with torch.no_grad():
-        out = model.forward_with_cfg(x, torch.tensor(c["t"]), torch.tensor(c["y"]), c["cfg_scale"])
-        plain = model(x, torch.tensor(c["t"]), torch.tensor(c["y"]))
-        all_channels = model.forward_with_cfg(x, torch.tensor(c["t"]), torch.tensor(c["y"]), 4.0, cfg_channels=None)
-    assert_summary(out, c["forward_with_cfg"])
-    # Guiding all channels: every epsilon channel is guided, the variance channels pass through.
-    guided = plain[1] + 4.0 * (plain[0] - plain[1])
-    assert torch.allclose(all_channels[0, :4], guided[:4], atol=1e-5)
-    assert torch.allclose(all_channels[1, :4], guided[:4], atol=1e-5)
-    assert torch.allclose(all_channels[:, 4:], plain[:, 4:])
-    assert torch.allclose(out[:, 3:4], plain[:, 3:4])  # official default: the 4th channel is not guided
-
-
-OFFICIAL_INIT = {"sum": 3461.3478871532316, "abs_sum": 647357.651059503,
-                 "next_randn": [0.2871421277523041, -0.43598416447639465, 0.8889198303222656]}
-
-
-def test_dit_init_consumes_rng_like_official():
-    # Computed with the official models.py (timm 1.0, torch 2.14): torch.manual_seed(0), then
-    # DiT_models["DiT-S/2"](input_size=8, num_classes=10), then torch.randn(3).
-    torch.manual_seed(0)
-    model = DiT_models["DiT-S/2"](input_size=8, num_classes=10)
-    sd = model.state_dict()
-    assert sum(v.double().sum().item() for v in sd.values()) == pytest.approx(OFFICIAL_INIT["sum"], rel=1e-12)
-    assert sum(v.double().abs().sum().item() for v in sd.values()) == pytest.approx(OFFICIAL_INIT["abs_sum"], rel=1e-12)
-    assert torch.randn(3).tolist() == pytest.approx(OFFICIAL_INIT["next_randn"], abs=1e-7)
-
-
-def test_bf16_autocast_matches_fp32():
-    # Training under CPU autocast runs the attention as plain matmuls (faster backward), sampling through SDPA:
-    # both must be the same function as fp32.
-    model, g = golden_dit()
-    x, t, y = randn(g["x_shape"], g["x_seed"]), torch.tensor(g["t"]), torch.tensor(g["y"])
-    with torch.no_grad():
-        ref = model(x, t, y)
-    for grad in (True, False):
-        with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16):
-            out = model(x, t, y).float().detach()
-        assert (out - ref).norm() / ref.norm() < 0.02
-
-
-PAPER_GFLOPS = {  # Table 4 of the paper, 256x256 images
-    "DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06, "DiT-B/8": 1.42, "DiT-B/4": 5.56, "DiT-B/2": 23.01,
-    "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71, "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64}
-
-
-def test_gflops_reproduce_paper_table():
-    for name, ref in PAPER_GFLOPS.items():
-        with torch.device("meta"):
-            model = DiT_models[name]()
-        assert model.gflops() == pytest.approx(ref, rel=0.01), name
-    for block, ref in [("in-context", 119.4), ("cross-attention", 137.6), ("adaLN", 118.6), ("adaLN-Zero", 118.6)]:
-        with torch.device("meta"):
-            model = DiT_models["DiT-XL/2"](block=block)
-        assert model.gflops() == pytest.approx(ref, rel=0.01), block
-
-
-def test_adaln_zero_blocks_are_identity_at_init():
-    torch.manual_seed(0)
-    model = DiT_models["DiT-S/4"](input_size=8, num_classes=10)
-    x, c = torch.randn(2, 4, 384), torch.randn(2, 384)
-    for block in model.blocks:
-        assert torch.equal(block(x, c), x)
-    assert torch.equal(model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([3, 4])), torch.zeros(2, 8, 8, 8))
-
-
-@pytest.mark.parametrize("block", dit.BLOCKS)
-def test_every_block_design_trains(block):
-    torch.manual_seed(0)
-    model = tiny_dit(block=block)
-    x, t, y = torch.randn(4, 4, 8, 8), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
-    model.eval()
-    before = model(x, t, y).detach()
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss = create_diffusion("").training_losses(model, x, t, dict(y=y))["loss"].mean()
-    loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
-    opt.step()
-    model.eval()
-    after = model(x, t, y).detach()
-    assert after.shape == (4, 8, 8, 8) and not torch.allclose(before, after)
-    assert model.gflops() > 0
-
-
-def test_grad_checkpointing_gives_same_gradients():
-    torch.manual_seed(0)
-    model = tiny_dit(class_dropout_prob=0)
-    for p in model.parameters():  # leave the zero init so that gradients flow everywhere
-        if p.requires_grad:
-            p.data.normal_(0, 0.05)
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 700]), torch.tensor([1, 2])
-    grads = []
-    for flag in (False, True):
-        model.grad_checkpointing = flag
-        model.zero_grad()
-        model(x, t, y).square().mean().backward()
-        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
-
-
-def test_find_model_loads_raw_and_training_checkpoints(tmp_path):
-    torch.manual_seed(0)
-    model = tiny_dit()
-    fill_(model.state_dict(), 1)
-    raw = tmp_path / "raw.pt"
-    torch.save(model.state_dict(), raw)
-    ema = {k: v + 1 for k, v in model.state_dict().items()}
-    train_ckpt = tmp_path / "0000100.pt"  # the official train.py layout, args as a Namespace
-    torch.save({"model": model.state_dict(), "ema": ema, "opt": {}, "args": argparse.Namespace(model="DiT-S/8")}, train_ckpt)
-    other = tiny_dit()
-    other.load_state_dict(find_model(str(raw)))
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
-    other.load_state_dict(find_model(str(train_ckpt)))
-    assert all(torch.equal(a, ema[k]) for k, a in other.state_dict().items())
-    with pytest.raises(FileNotFoundError, match="no DiT checkpoint"):
-        find_model(str(tmp_path / "missing.pt"))
-
-
-def test_mismatched_checkpoint_error_names_both_models():
-    with torch.device("meta"):
-        xl = DiT_models["DiT-XL/2"]()
-        b = DiT_models["DiT-B/2"]()
-    with pytest.raises(ValueError) as e:
-        b.load_state_dict(xl.state_dict())
-    msg = str(e.value)
-    assert "depth 28, hidden 1152" in msg and "DiT-XL/2" in msg and "you built DiT-B/2" in msg
-
-
-def test_find_model_downloads_official_names_once(http_server, tmp_path, monkeypatch):
-    root, url, log = http_server
-    model = tiny_dit()
-    (root / "DiT").mkdir()
-    torch.save(model.state_dict(), root / "DiT" / "DiT-XL-2-256x256.pt")
-    monkeypatch.setenv("DIT_WEIGHTS_URL", url + "/DiT")
-    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
-    for _ in range(2):
-        sd = find_model("DiT-XL-2-256x256.pt")
-        assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
-    assert log == ["/DiT/DiT-XL-2-256x256.pt"]  # the second call reads the cache
-    assert os.listdir(tmp_path / "cache") == ["DiT-XL-2-256x256.pt"]  # no temp files left behind
-    with pytest.raises(Exception):
-        find_model("DiT-XL-2-512x512.pt")  # not on the server: fails, and leaves nothing in the cache
-    assert os.listdir(tmp_path / "cache") == ["DiT-XL-2-256x256.pt"]
-
-#################################################################################
-#                                 diffusion.py                                  #
-#################################################################################
-
-def fixed_output_model(out):
-    return lambda x, t, **kwargs: out
-
-
-def test_training_losses_match_official():
-    g = GOLDEN["diffusion"]["training_losses"]
-    d = create_diffusion("")
-    x_start, noise = randn(g["shape"], g["x_start_seed"]), randn(g["shape"], g["noise_seed"])
-    out = randn([g["shape"][0], 2 * g["shape"][1]] + g["shape"][2:], g["model_output_seed"])
-    terms = d.training_losses(fixed_output_model(out), x_start, torch.tensor(g["t"]), noise=noise)
-    for key in ("mse", "vb", "loss"):
-        assert terms[key].tolist() == pytest.approx(g[key], rel=1e-5), key
-
-
-def test_q_sample_and_p_mean_variance_match_official():
-    g = GOLDEN["diffusion"]
-    gl = g["training_losses"]
-    d = create_diffusion("")
-    x_start, noise = randn(gl["shape"], gl["x_start_seed"]), randn(gl["shape"], gl["noise_seed"])
-    out = randn([4, 8, 8, 8], gl["model_output_seed"])
-    t = torch.tensor(gl["t"])
-    x_t = d.q_sample(x_start, t, noise=noise)
-    assert_summary(x_t, g["q_sample"])
-    pmv = d.p_mean_variance(fixed_output_model(out), x_t, t, clip_denoised=False)
-    for key in ("mean", "log_variance", "pred_xstart"):
-        assert_summary(pmv[key], g["p_mean_variance"][key])
-
-
-@pytest.mark.parametrize("spacing", ["250", "25", "ddim50", "10,10,5"])
-def test_respacing_matches_official(spacing):
-    g = GOLDEN["diffusion"]["respacing"][spacing]
-    d = create_diffusion(spacing)
-    assert d.timestep_map == g["timestep_map"] and d.num_timesteps == len(g["timestep_map"])
-    assert d.betas.sum().item() == pytest.approx(g["betas_sum"], rel=1e-12)
-    assert d.betas[-1].item() == pytest.approx(g["betas_last"], rel=1e-12)
-
-
-def toy_model(x, t):
-    tt = (t.double() / 1000).float().view(-1, 1, 1, 1)
-    return torch.cat([0.5 * torch.tanh(x) + 0.1 * tt, torch.tanh(0.3 * x - 0.2)], dim=1)
-
-
-@pytest.mark.parametrize("key", ["ddpm:10", "ddim:ddim10"])
-def test_sampling_loops_match_official(key):
-    g = GOLDEN["diffusion"]["sampling"][key]
-    sampler, spacing = key.split(":")
-    d = create_diffusion(spacing)
-    torch.manual_seed(g["torch_manual_seed"])
-    z = torch.randn(*g["shape"])
-    loop = d.p_sample_loop if sampler == "ddpm" else d.ddim_sample_loop
-    x = loop(toy_model, z.shape, noise=z, clip_denoised=True, device="cpu")
-    assert_summary(x, g["final"])
-
-
-def test_cosine_schedule_and_fixed_variances():
-    d = create_diffusion("", noise_schedule="cosine", learn_sigma=False, sigma_small=True)
-    assert d.betas.max().item() <= 0.999 and d.var_type == "fixed_small"
-    assert d.alphas_cumprod[-1].item() < 1e-4 < d.alphas_cumprod[0].item()
-    x = torch.randn(2, 4, 4, 4)
-    terms = d.training_losses(lambda x, t: torch.zeros_like(x), x, torch.tensor([0, 999]))
-    assert set(terms) == {"loss", "mse"}
-    large = create_diffusion("10", learn_sigma=False)
-    out = large.p_mean_variance(lambda x, t: torch.zeros_like(x), x, torch.tensor([9, 9]))
-    assert torch.allclose(out["variance"], large.betas[9].float().expand_as(x))
-    assert create_diffusion("", use_kl=True).training_losses(toy_model, x, torch.tensor([3, 900]))["loss"].shape == (2,)
-
-#################################################################################
-#                                     vae.py                                    #
-#################################################################################
-
-TINY_VAE = dict(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
-
-
-def tiny_vae(seed=0, **kw):
-    m = vae.AutoencoderKL(**{**TINY_VAE, **kw}).eval()
-    with torch.no_grad():
-        fill_(m.state_dict(), seed)
-    return m
-
-
-def vae_outputs(m, seed=3):
-    """Encode mean/logvar and decode of fixed inputs: enough to tell two VAEs apart."""
-    f, c = m.downsample_factor, m.config["latent_channels"]
-    x, z = randn((2, 3, 4 * f, 4 * f), seed).clamp(-1, 1), randn((2, c, 4, 4), seed + 1)
-    with torch.no_grad():
-        p = m.encode(x)
-        return p.mean, p.logvar, m.decode(z)
-
-
-def assert_same_vae(a, b):
-    for u, v in zip(vae_outputs(a), vae_outputs(b)):
-        assert torch.equal(u, v)
-
-
-def sha_lines(lines):
-    return hashlib.sha256(("\n".join(sorted(lines)) + "\n").encode()).hexdigest()
-
-
-def to_ldm_name(k, levels):
-    k = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.", k)
-    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.", r"encoder.down.\1.", k)
-    k = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
-    k = k.replace("mid_block.attentions.0.", "mid.attn_1.").replace(".resnets.", ".block.")
-    for a, b in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"),
-                 ("downsamplers.0", "downsample"), ("upsamplers.0", "upsample"), ("conv_shortcut", "nin_shortcut"),
-                 ("conv_norm_out", "norm_out")):
-        k = k.replace(f".{a}.", f".{b}.")
-    return k
-
-
-def to_ldm(sd, levels):
-    return {to_ldm_name(k, levels): v[:, :, None, None] if ".attentions." in k and v.dim() == 2 else v
-            for k, v in sd.items()}
-
-
-def to_legacy(sd):
-    names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    return {re.sub(r"attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: f"attentions.0.{names[m[1]]}.", k): v
-            for k, v in sd.items()}
-
-
-@pytest.fixture(scope="module")
-def sd_vae():
-    gold = json.load(open(os.path.join(HERE, "golden.json")))["vae"]
-    cfg = {k: v for k, v in gold["config"].items() if k not in ("down_block_types", "up_block_types", "act_fn")}
-    m = vae.AutoencoderKL(**cfg).eval()
-    with torch.no_grad():
-        fill_(m.state_dict(), gold["weights_seed"])
-    return m, gold
-
-
-def test_vae_golden_encode_decode(sd_vae):
-    m, gold = sd_vae
-    assert m.scaling_factor == 0.18215 and m.shift_factor == 0.0 and m.downsample_factor == 8
-    with torch.no_grad():
-        post = m.encode(randn((2, 3, 32, 32), gold["x_seed"]).clamp(-1, 1))
-        assert_summary(post.mean, gold["encode_mean"])
-        assert_summary(post.logvar, gold["encode_logvar"])
-        assert_summary(m.decode(randn(gold["z_shape"], gold["z_seed"])), gold["decode"])
-
-
-def test_vae_key_names_and_formats_match_released_files(sd_vae):
-    m, _ = sd_vae
-    sd = m.state_dict()
-    # sha256 of the sorted lines of the golden set's sd_vae_{diffusers_keys,ldm_keys,diffusers_to_ldm_map}.txt
-    assert sha_lines(f"{k}\t{list(v.shape)}\t{v.dtype}" for k, v in sd.items()) == \
-        "ae6ea27db2d87a856118dc4d08b545375b859599611c3a3095bae004af8fd560" and len(sd) == 248
-    ldm = to_ldm(sd, 4)
-    assert sha_lines(f"{k}\t{list(v.shape)}" for k, v in ldm.items()) == \
-        "843ce3c02f1944699ad11911fbac752ef467efa18053d3a51dbe761d78a37fd3"
-    assert sha_lines(f"{k}\t{to_ldm_name(k, 4)}" for k in sd) == \
-        "48473b6e680dfdaa5857fe3c4cd30567cdb86dfea5df6509809c07318f3e7459"
-    for other in (ldm, to_legacy(sd), {"first_stage_model." + k: v for k, v in ldm.items()}):
-        back = vae.convert_state_dict(other)
-        assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
-
-
-def full_sd_checkpoint(sd, levels):
-    """A full SD checkpoint holding sd: Lightning wrapper, LDM names under first_stage_model., UNet, loss, EMA."""
-    full = {"first_stage_model." + k: v for k, v in to_ldm(sd, levels).items()}
-    full.update({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2), "loss.logvar": torch.zeros(1),
-                 "model_ema.decay": torch.tensor(0.999), "cond_stage_model.x": torch.zeros(1)})
-    return {"state_dict": full, "global_step": 3}
-
-
-def write_format(m, fmt, directory):
-    """Save m's weights in one of the formats users have, in diffusers' directory layout; returns the directory."""
-    sd, levels = m.state_dict(), len(m.config["block_out_channels"])
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:  # tiny config: groups cannot be inferred
-        json.dump(m.config, f)
-    st, pt = (os.path.join(directory, "diffusion_pytorch_model." + e) for e in ("safetensors", "bin"))
-    if fmt == "diffusers":
-        vae.save_safetensors(sd, st)
-    elif fmt == "legacy":  # the released sd-vae-ft-* files
-        vae.save_safetensors(to_legacy(sd), st)
-    elif fmt == "ldm":
-        vae.save_safetensors(to_ldm(sd, levels), st)
-    elif fmt == "bin":
-        torch.save(sd, pt)
-    elif fmt == "sd_ckpt":
-        torch.save(full_sd_checkpoint(sd, levels), pt)
-    return directory
-
-
-@pytest.mark.parametrize("fmt", ["diffusers", "legacy", "ldm", "bin", "sd_ckpt"])
-def test_vae_loads_every_key_format_identically(tmp_path, fmt):
-    m = tiny_vae()
-    loaded = vae.load_vae(write_format(m, fmt, tmp_path / fmt))
-    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-    assert_same_vae(m, loaded)
-
-
-def test_vae_single_file_infers_config_flux_style(tmp_path):
-    # FLUX.1/SD3-style: 16 latent channels, no quant convs; a lone weights file (no config.json)
-    m = tiny_vae(block_out_channels=(32, 64, 64), norm_num_groups=32, latent_channels=16,
-             use_quant_conv=False, use_post_quant_conv=False)
-    assert not any("quant_conv" in k for k in m.state_dict())
-    path = str(tmp_path / "ae.safetensors")
-    vae.save_safetensors(to_ldm(m.state_dict(), 3), path)
-    loaded = vae.load_vae(path)
-    assert loaded.config["block_out_channels"] == [32, 64, 64] and loaded.config["latent_channels"] == 16
-    assert loaded.downsample_factor == 4 and loaded.scaling_factor == 0.18215  # no config: SD default
-    assert_same_vae(m, loaded)
-    m = tiny_vae(norm_num_groups=32, layers_per_block=2)  # a lone full SD checkpoint (.ckpt)
-    torch.save(full_sd_checkpoint(m.state_dict(), 2), tmp_path / "sd.ckpt")
-    loaded = vae.load_vae(str(tmp_path / "sd.ckpt"))
-    assert loaded.config["layers_per_block"] == 2 and loaded.config["use_quant_conv"]
-    assert_same_vae(m, loaded)
-
-
-def test_vae_config_scaling_shift_roundtrip(tmp_path):
-    m = tiny_vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
-             shift_factor=0.1159)
-    vae.save_vae(m, tmp_path / "flux")
-    loaded = vae.load_vae(str(tmp_path / "flux"))
-    assert (loaded.scaling_factor, loaded.shift_factor) == (0.3611, 0.1159)
-    assert_same_vae(m, loaded)
-    cfg = json.load(open(tmp_path / "flux" / "config.json"))
-    assert cfg["down_block_types"] == ["DownEncoderBlock2D"] * 2 and cfg["_class_name"] == "AutoencoderKL"  # diffusers
-    for k in ("scaling_factor", "shift_factor"):
-        del cfg[k]
-    cfg.update(_diffusers_version="0.30.0", latents_mean=None, down_block_types=["DownEncoderBlock2D"] * 2)
-    json.dump(cfg, open(tmp_path / "flux" / "config.json", "w"))
-    loaded = vae.load_vae(str(tmp_path / "flux"))
-    assert (loaded.scaling_factor, loaded.shift_factor) == (0.18215, 0.0)  # SD defaults when absent
-
-
-def test_vae_wrong_model_errors_name_the_problem(tmp_path):
-    m = tiny_vae()
-    d = write_format(m, "diffusers", tmp_path / "a")
-    cfg = {**m.config, "block_out_channels": [64, 64]}
-    json.dump(cfg, open(tmp_path / "a" / "config.json", "w"))
-    with pytest.raises(ValueError, match=r"does not fit the VAE of .*config.json: size mismatch for encoder.conv_in"
-                                         r".weight: copying a param with shape torch.Size\(\[32, 3, 3, 3\]\)"):
-        vae.load_vae(d)
-    json.dump({**cfg, "_class_name": "AutoencoderTiny"}, open(tmp_path / "a" / "config.json", "w"))
-    with pytest.raises(ValueError, match="AutoencoderTiny"):
-        vae.load_vae(d)
-    sd = m.state_dict()
-    sd.pop("decoder.conv_out.bias")
-    sd["decoder.extra.weight"] = torch.zeros(1)
-    json.dump(m.config, open(tmp_path / "a" / "config.json", "w"))
-    vae.save_safetensors(sd, str(tmp_path / "a" / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(ValueError, match=r'config.json: Missing key\(s\) in state_dict: "decoder.conv_out.bias"\.; '
-                                         r'Unexpected key\(s\) in state_dict: "decoder.extra.weight"\.$'):
-        vae.load_vae(d)
-    torch.save({"x_embedder.proj.weight": torch.zeros(1), "y_embedder.embedding_table.weight": torch.zeros(1)},
-               tmp_path / "dit.pt")
-    with pytest.raises(ValueError, match="holds no VAE weights.*x_embedder"):
-        vae.load_vae(str(tmp_path / "dit.pt"))
-    with pytest.raises(FileNotFoundError, match="not a file, a directory, or a Hugging Face repo id"):
-        vae.load_vae("no such file.safetensors")
-    with pytest.raises(ValueError, match="multiple of 2"):
-        m.encode(torch.zeros(1, 3, 5, 6))
-
-
-def test_safetensors_roundtrip_dtypes(tmp_path):
-    ts = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 3).bfloat16(),
-          "f64": torch.randn(2).double(), "i64": torch.arange(7), "u8": torch.arange(5, dtype=torch.uint8),
-          "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
-          "strided": torch.randn(4, 6)[:, ::2]}
-    path = str(tmp_path / "t.safetensors")
-    vae.save_safetensors(ts, path)
-    head_len = struct.unpack("<Q", open(path, "rb").read(8))[0]
-    assert head_len % 8 == 0  # data stays aligned
-    back = vae.load_safetensors(path)
-    assert back.keys() == ts.keys()
-    for k in ts:
-        assert back[k].dtype == ts[k].dtype and torch.equal(back[k], ts[k]), k
-
-
-def st_bytes(entries, data, header_extra=None):
-    """safetensors bytes from a header dict and raw data, written by hand (no writer involved)."""
-    head = json.dumps({**entries, **(header_extra or {})}).encode()
-    return struct.pack("<Q", len(head)) + head + data
-
-
-def test_safetensors_reads_hand_built_bytes(tmp_path):
-    data = struct.pack("<4f", 1.0, -2.0, 0.5, 3.25) + struct.pack("<3e", 1.5, -0.25, 8.0) \
-        + bytes.fromhex("803f00c0003f") + struct.pack("<2q", -5, 1 << 40)  # bf16 1.0, -2.0, 0.5 (little endian)
-    entries = {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
-               "h": {"dtype": "F16", "shape": [3], "data_offsets": [16, 22]},
-               "b": {"dtype": "BF16", "shape": [3], "data_offsets": [22, 28]},
-               "i": {"dtype": "I64", "shape": [2], "data_offsets": [28, 44]}}
-    path = tmp_path / "hand.safetensors"
-    path.write_bytes(st_bytes(entries, data, {"__metadata__": {"format": "pt"}}))
-    sd = vae.load_safetensors(str(path))
-    assert torch.equal(sd["w"], torch.tensor([[1.0, -2.0], [0.5, 3.25]]))
-    assert torch.equal(sd["h"], torch.tensor([1.5, -0.25, 8.0], dtype=torch.float16))
-    assert torch.equal(sd["b"], torch.tensor([1.0, -2.0, 0.5], dtype=torch.bfloat16))
-    assert sd["i"].tolist() == [-5, 1 << 40]
-
-
-@pytest.mark.parametrize("case,match", [
-    ("truncated", r"tensor w \[4\] torch.float32 does not fit bytes 0..16 of the 13 data bytes: truncated"),
-    ("tiny", "truncated or not a safetensors file"),
-    ("huge_header", "truncated or not a safetensors file"),
-    ("bad_json", "corrupt safetensors header"),
-    ("bad_dtype", "corrupt safetensors header.*KeyError.*Q7"),
-    ("bad_offsets", "tensor w .* does not fit bytes 0..12 of the 16 data bytes"),
-])
-def test_safetensors_corrupt_files_give_clear_errors(tmp_path, case, match):
-    good = st_bytes({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(16))
-    blob = {"truncated": good[:-3], "tiny": b"\x01\x02", "huge_header": struct.pack("<Q", 1 << 40) + b"{}",
-            "bad_json": struct.pack("<Q", 4) + b"{no}",
-            "bad_dtype": st_bytes({"w": {"dtype": "Q7", "shape": [4], "data_offsets": [0, 16]}}, bytes(16)),
-            "bad_offsets": st_bytes({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, bytes(16)),
-            }[case]
-    path = tmp_path / "x.safetensors"
-    path.write_bytes(blob)
-    with pytest.raises(ValueError, match=match):
-        vae.load_safetensors(str(path))
-    m = tiny_vae()
-    write_format(m, "diffusers", tmp_path / "cut")  # a truncated download through load_vae
-    w = tmp_path / "cut" / "diffusion_pytorch_model.safetensors"
-    w.write_bytes(w.read_bytes()[:-100])
-    with pytest.raises(ValueError, match="truncated.*download again"):
-        vae.load_vae(str(tmp_path / "cut"))
-
-
-def test_vae_bf16_and_fp16_upcast(tmp_path):
-    m = tiny_vae()
-    d = write_format(m, "diffusers", tmp_path / "v")
-    ref = vae_outputs(m)
-    b = vae.load_vae(d, dtype=torch.bfloat16)
-    assert b.decoder.conv_in.weight.dtype == torch.bfloat16
-    for r, o in zip(ref, vae_outputs(b)):
-        assert o.dtype == torch.float32 and torch.isfinite(o).all()  # outputs in the caller's dtype
-        assert (o - r).norm() / r.norm() < 3e-2
-    h = vae.load_vae(d, dtype=torch.float16)
-    assert h.decoder.mid_block.resnets[0].conv1.weight.dtype == torch.float16
-    assert h.decoder.up_blocks[0].resnets[0].conv1.weight.dtype == torch.float32  # the full-res layers stay fp32
-    z = randn((1, 4, 4, 4), 0).half()
-    with torch.no_grad():
-        h.decoder.up_blocks[-1].resnets[0].conv1.bias.fill_(1e5)  # activations past fp16's 65504
-        out = h.decode(z)
-        assert out.dtype == torch.float16 and torch.isfinite(out).all()
-        assert not torch.isfinite(h.half().decode(z)).all()  # what the upcast prevents
-
-
-def test_vae_slicing_matches_separate_calls():
-    m = tiny_vae()
-    x, z = randn((5, 3, 8, 8), 0).clamp(-1, 1), randn((5, 4, 4, 4), 1)
-    with torch.no_grad():  # conv kernels may differ with batch size, so compare with the same chunks by hand
-        means = torch.cat([m.encode(c).mean for c in x.split(2)])
-        images = torch.cat([m.decode(c) for c in z.split(2)])
-        m.slice_pixels = 2 * 8 * 8  # two 8x8 images per pass
-        assert torch.equal(m.encode(x).mean, means) and torch.equal(m.decode(z), images)
-
-
-def test_vae_posterior_sample_mode():
-    m = tiny_vae()
-    with torch.no_grad():
-        p = m.encode(randn((2, 3, 8, 8), 0))
-    eps = torch.randn(p.mean.shape, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(p.sample(torch.Generator().manual_seed(7)), p.mean + p.std * eps)
-    assert torch.equal(p.mode(), p.mean) and torch.allclose(p.var, p.std ** 2)
-    big = vae.DiagonalGaussian(torch.cat([torch.zeros(1, 4, 2, 2), torch.full((1, 4, 2, 2), 100.0)], 1))
-    assert big.logvar.max() == 20.0  # clamped
-
-
-def test_vae_cli_roundtrip(tmp_path):
-    from PIL import Image
-    write_format(tiny_vae(), "diffusers", tmp_path / "v")
-    Image.new("RGB", (21, 18), (200, 30, 90)).save(tmp_path / "img.png")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "vae.py"), str(tmp_path / "img.png"), "--vae",
-                        str(tmp_path / "v")], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    assert r.returncode == 0, r.stderr
-    assert "PSNR" in r.stdout and Image.open(tmp_path / "img_vae.png").size == (20, 18)
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    """A fake Hugging Face endpoint on 127.0.0.1: routes maps path -> (status, headers, body); log records hits."""
-    routes, log = {}, []
+def http_server(tmp_path, monkeypatch):
+    """A local HTTP server on 127.0.0.1 for every download test, answering GET and HEAD as a file
+    host or as the Hugging Face Hub. Yields a namespace: routes maps a path to (status, headers,
+    body); other paths serve the files under root (tmp_path/www); anything else is the Hub's 404.
+    log records "METHOD path"; url is the base URL. HF_ENDPOINT points at it, DIT_CACHE and
+    HF_HUB_CACHE at folders in tmp_path (made on use); HF_HOME and HF_HUB_OFFLINE are unset."""
+    server = types.SimpleNamespace(root=tmp_path / "www", routes={}, log=[])
+    server.root.mkdir()
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            log.append(self.path)
-            status, headers, body = routes.get(self.path, (404, {}, b"Entry not found"))
+        def answer(self, with_body):
+            server.log.append(f"{self.command} {self.path}")
+            file = server.root / self.path.lstrip("/")
+            if self.path in server.routes:
+                status, headers, body = server.routes[self.path]
+            elif file.is_file():
+                status, headers, body = 200, {}, file.read_bytes()
+            else:
+                status, headers, body = 404, {}, b"Entry not found"
             self.send_response(status)
-            for k, v in headers.items():
+            for k, v in {"Content-Length": str(len(body)), **headers}.items():
                 self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if with_body:
+                self.wfile.write(body)
+
+        def do_GET(self):
+            self.answer(True)
+
+        def do_HEAD(self):
+            self.answer(False)
 
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    serve = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
+    serve.daemon = True
+    serve.start()
     for k in ("HF_HUB_OFFLINE", "HF_HOME"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("NO_PROXY", "*")
     monkeypatch.setenv("no_proxy", "*")
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("DIT_CACHE", str(tmp_path / "dit_cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_hub"))
-    yield routes, log
-    server.shutdown()
-    server.server_close()
+    yield server
+    httpd.shutdown()
+    httpd.server_close()
 
 
-def publish_vae(routes, repo, m, tmp_path, sha=None, weights="safetensors"):
-    """Serve m like the Hub: config.json directly, weights via a redirect to a CDN path that sends X-Linked-Etag."""
-    d = tmp_path / "published"
-    vae.save_vae(m, d)
-    if weights == "bin":
-        torch.save(m.state_dict(), d / "w.bin")
-    body = (d / ("w.bin" if weights == "bin" else "diffusion_pytorch_model.safetensors")).read_bytes()
-    routes[f"/{repo}/resolve/main/config.json"] = (200, {}, (d / "config.json").read_bytes())
-    etag = '"%s"' % (sha or hashlib.sha256(body).hexdigest())
-    routes[f"/{repo}/resolve/main/diffusion_pytorch_model.{weights}"] = \
-        (302, {"Location": f"/cdn/{repo}/blob", "X-Linked-Etag": etag}, b"")
-    routes[f"/cdn/{repo}/blob"] = (200, {"ETag": '"not-a-sha256"'}, body)
-    return body
+@pytest.fixture
+def tcp_server():
+    """Servers on 127.0.0.1 that are not HTTP servers, or broken ones: start(reply) starts one that
+    answers every connection with the bytes reply, then closes it; it returns its http:// URL."""
+    servers = []
+
+    def start(reply):
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        servers.append(server)
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                conn.recv(4096)
+                conn.sendall(reply)
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        return f"http://127.0.0.1:{server.getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
 
 
-def test_download_redirect_cache_and_offline(fake_hub, tmp_path, monkeypatch, capfd):
-    routes, log = fake_hub
-    m = tiny_vae()
-    body = publish_vae(routes, "stabilityai/sd-vae-ft-ema", m, tmp_path)
-    assert_same_vae(m, vae.load_vae("ema"))  # the shorthand resolves to the repo DiT uses
-    assert "downloading" in capfd.readouterr().err
-    cached = tmp_path / "dit_cache" / "stabilityai--sd-vae-ft-ema" / "main"
-    assert (cached / "diffusion_pytorch_model.safetensors").read_bytes() == body
-    assert sorted(os.listdir(cached)) == ["config.json", "diffusion_pytorch_model.safetensors"]  # no temp files
-    hits = len(log)
-    assert_same_vae(m, vae.load_vae("stabilityai/sd-vae-ft-ema"))  # from the cache: no request
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert_same_vae(m, vae.load_vae("ema"))
-    assert len(log) == hits
-    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1 forbids downloading"):
-        vae.load_vae("mse")  # not cached
-    assert len(log) == hits
+# what a wrong port sends (tcp_server's reply for "not HTTP")
+SSH_BANNER = b"SSH-2.0-OpenSSH_9.6\r\n"
 
 
-def test_download_sha256_mismatch_leaves_nothing(fake_hub, tmp_path):
-    routes, _ = fake_hub
-    publish_vae(routes, "org/vae", tiny_vae(), tmp_path, sha="0" * 64)
-    with pytest.raises(OSError, match="truncated or corrupt.*sha256 [0-9a-f]{64}, server says 0{64}"):
-        vae.load_vae("org/vae")
-    assert [f for f in os.listdir(tmp_path / "dit_cache" / "org--vae" / "main") if "diffusion" in f] == []
+# what urllib says when nothing listens
+REFUSED = "<urlopen error [Errno 111] Connection refused>"
 
 
-def test_download_falls_back_to_bin(fake_hub, tmp_path):
-    routes, log = fake_hub
-    m = tiny_vae()
-    publish_vae(routes, "org/vae", m, tmp_path, weights="bin")
-    assert_same_vae(m, vae.load_vae("org/vae"))
-    assert "/org/vae/resolve/main/diffusion_pytorch_model.safetensors" in log  # safetensors tried first
-    with pytest.raises(FileNotFoundError, match="HTTP Error 404.*check the repo id"):
-        vae.load_vae("org/missing")
+def closed_port_url():
+    """An http URL on 127.0.0.1 where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
-def test_reuses_huggingface_cache_offline(fake_hub, tmp_path, monkeypatch):
-    routes, log = fake_hub
-    m = tiny_vae()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for env, hub_dir in (("HF_HUB_CACHE", "hf_hub"), ("HF_HOME", "hf_home/hub")):
-        if env == "HF_HOME":  # HF_HUB_CACHE unset: the cache is $HF_HOME/hub
-            monkeypatch.delenv("HF_HUB_CACHE")
-            monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-        repo = tmp_path / hub_dir / "models--stabilityai--sd-vae-ft-mse"
-        vae.save_vae(m, repo / "snapshots" / "0123abc")  # the layout huggingface_hub writes
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text("0123abc")
-        assert_same_vae(m, vae.load_vae("mse"))
-        (repo / "refs" / "main").unlink()
-    assert log == [] and not (tmp_path / "dit_cache").exists()
+class RunsCode:
+    """Pickles as a call of os.mkdir(path): a file that runs code when unpickled without
+    weights_only (path then exists)."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
 
 
-#################################################################################
-#                                     fid.py                                    #
-#################################################################################
+def run_cli(module, monkeypatch, capsys, *argv):
+    """module.main() in this process: (SystemExit code or None, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
+    try:
+        module.main()
+        code = None
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
-FID_HERE = os.path.dirname(os.path.abspath(__file__))
+
+def run_script(name, *argv):
+    """python name *argv in a process of its own (one thread, no GPU): the finished process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, os.path.join(HERE, name), *map(str, argv)],
+                          capture_output=True, text=True, timeout=120, env=env)
 
 
-# sha256 of "key<TAB>shape" lines of pt_inception-2015-12-05 (shared/golden/inception_keys.txt), 566 entries
-INCEPTION_KEYS_SHA256 = "e22ace644c9f030d9793411454945147d47bff1a80d8339955d5867176d77687"
+TINY_VAE = dict(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
+
+
+def tiny_vae(seed=0, save_to=None, **config):
+    """A small SD-style VAE with the golden fill: TINY_VAE (down-sampling 2, 4 latent channels)
+    updated by config. With save_to, also saved there in diffusers' layout (for --vae)."""
+    m = vae.AutoencoderKL(**{**TINY_VAE, **config}).eval()
+    fill_(m.state_dict(), seed)
+    if save_to is not None:
+        vae.save_vae(m, str(save_to))
+    return m
 
 
 @pytest.fixture(scope="module")
 def fid_inception():
     """The FID Inception with the golden fill (seed 0), unfolded, in eval mode."""
     m = fid.InceptionV3()
-    with torch.no_grad():
-        fill_(m.state_dict())
+    fill_(m.state_dict())
     return m.eval()
 
 
 @pytest.fixture(scope="module")
 def fid_weights_file(fid_inception, tmp_path_factory):
-    """The filled state_dict saved like the official .pth file."""
+    """fid_inception's state dict saved like the official .pth file."""
     path = tmp_path_factory.mktemp("weights") / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(fid_inception.state_dict(), path)
     return path
 
 
+def write_images(root, per_class=(5, 5), flat=False, seed=0):
+    """root/class_k/i.png: random RGB images of odd sizes, or flat colours per class (a learnable
+    set); returns str(root)."""
+    rng = np.random.default_rng(seed)
+    for k, n in enumerate(per_class):
+        os.makedirs(f"{root}/class_{k}", exist_ok=True)
+        for i in range(n):
+            h, w = rng.integers(16, 40, size=2)
+            if flat:
+                colour = np.array([[200, 30, 30], [30, 30, 200]][k % 2], np.uint8)
+                a = np.broadcast_to(colour, (h, w, 3))
+            else:
+                a = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            Image.fromarray(np.ascontiguousarray(a)).save(f"{root}/class_{k}/{i}.png")
+    return str(root)
+
+
+# a train.py run with a tiny pixel-space DiT (2 blocks of width 32, patch 8)
+TINY = ["--model", "DiT-S/8", "--model-kwargs", '{"depth": 2, "hidden_size": 32, "num_heads": 2}',
+        "--num-workers", "0", "--log-every", "1"]
+
+
+PIXEL = [*TINY, "--vae", "none", "--image-size", "16", "--num-classes", "2",
+         "--global-batch-size", "2"]
+
+
+def run_inline(args):
+    """train.main in this process, single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pixel_run(tmp_path, *extra, data=None):
+    """A tiny pixel-space run in this process; returns its experiment folder's parent."""
+    data = data or write_images(tmp_path / "data")
+    run_inline([*PIXEL, "--data-path", data, "--results-dir", str(tmp_path / "r"), *extra])
+    return tmp_path / "r"
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+TRAIN = os.path.join(HERE, "train.py")
+
+
+DRIVER = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist
+import train
+# train.main uses the caller's group: several runs in one launch
+dist.init_process_group("gloo")
+for argv in json.load(open(sys.argv[1])):
+    train.main(argv)
+dist.destroy_process_group()
+"""
+
+
+def run_torchrun(script_and_args, cwd, nproc=2):
+    """torchrun with nproc gloo processes (1 thread each) on the CPU; returns the finished
+    process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={nproc}", *map(str, script_and_args)],
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def run_torchrun_many(runs, cwd, nproc=2):
+    """train.main(argv) for each argv in runs, all in one torchrun launch (start-up is most of the
+    time here)."""
+    with open(os.path.join(cwd, "driver.py"), "w") as f:
+        f.write(DRIVER.format(repo=HERE))
+    with open(os.path.join(cwd, "runs.json"), "w") as f:
+        json.dump(runs, f)
+    return run_torchrun(["driver.py", "runs.json"], cwd, nproc)
+
+
+# fid.py and vae.py carry the same cache_dir() and download() (they import nothing from the
+# project): the checks below run on each, from the fid.py and the vae.py sections.
+
+DOWNLOAD_CASES = ["ok", "sha256", "404", "not_http", "no_server"]
+
+
+def check_download_leaves_no_trace_on_failure(module, case, http_server, tcp_server, tmp_path):
+    data = b"weights" * 1000
+    (http_server.root / "w.pth").write_bytes(data)
+    base = http_server.url
+    url = {"not_http": f"{tcp_server(SSH_BANNER)}/w.pth", "no_server": f"{closed_port_url()}/w.pth",
+           "404": f"{base}/missing.pth"}.get(case, f"{base}/w.pth")
+    sha = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "a" / "b" / "w.pth"
+    if case == "ok":
+        assert module.download(url, str(path), sha, mirror="MIRROR") == str(path)
+        # renamed from its temp file, which is gone
+        assert path.read_bytes() == data and os.listdir(path.parent) == ["w.pth"]
+        return
+    reason = {"sha256": f'invalid hash value (expected "{"0" * 64}", got "{sha}")',
+              "404": "HTTP Error 404: Not Found", "not_http": SSH_BANNER.decode(),
+              "no_server": REFUSED}[case]
+    with pytest.raises(OSError) as e:
+        module.download(url, str(path), "0" * 64, mirror="MIRROR")
+    assert type(e.value) is OSError
+    assert str(e.value) == (f"cannot download {url} ({reason}); put the file at {path}, or set "
+                            "MIRROR to a mirror")
+    # the folders made for it are gone (no temp file in them), the one that was there stays
+    assert os.listdir(tmp_path) == ["www"]
+
+
+def check_download_keeps_folders_it_did_not_make(module, tmp_path):
+    # an empty cache folder that was there, inside an empty one: both stay
+    (tmp_path / "home" / "cache").mkdir(parents=True)
+    url = f"{closed_port_url()}/w.pth"
+    path = tmp_path / "home" / "cache" / "new" / "w.pth"
+    with pytest.raises(OSError) as e:
+        module.download(url, str(path))
+    assert str(e.value) == f"cannot download {url} ({REFUSED}); put the file at {path}"
+    assert os.listdir(tmp_path / "home") == ["cache"]
+    assert os.listdir(tmp_path / "home" / "cache") == []
+
+
+STOPPED_TRANSFER_CASES = ["content_length_and_sha256", "chunked"]
+
+
+def check_download_stopped_transfer(module, case, tcp_server, tmp_path):
+    # a server that promises 1000 bytes and sends 10: the sha256 refuses them; a chunked reply cut
+    # inside a chunk is an error of its own
+    reply = {"content_length_and_sha256": b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n",
+             "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n"}[case]
+    url = f"{tcp_server(reply + b'x' * 10)}/w"
+    path = tmp_path / "c" / "w"
+    whole, part = (hashlib.sha256(b"x" * n).hexdigest() for n in (1000, 10))
+    with pytest.raises(OSError) as e:
+        module.download(url, str(path), whole if case != "chunked" else None)
+    if case == "chunked":
+        # http.client's IncompleteRead; its counts vary with the Python version
+        head, tail = f"cannot download {url} (IncompleteRead(", f")); put the file at {path}"
+        assert str(e.value).startswith(head) and str(e.value).endswith(tail)
+    else:
+        reason = f'invalid hash value (expected "{whole}", got "{part}")'
+        assert str(e.value) == f"cannot download {url} ({reason}); put the file at {path}"
+    assert os.listdir(tmp_path) == []
+
+
+def check_empty_cache_variable_means_the_default(module, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DIT_CACHE", "")
+    assert module.cache_dir() == str(tmp_path / ".cache" / "dit")
+    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "c"))
+    assert module.cache_dir() == str(tmp_path / "c")
+
+
+def check_atomic_write_uses_one_temp_name(write, target, monkeypatch):
+    """write() writes target through target.<pid>.tmp and os.replace: a failing rename leaves
+    nothing behind, and the temp file is complete when it is renamed."""
+    calls = []
+
+    def failing_replace(src, dst):
+        calls.append((src, dst))
+        # the temp file is complete when it is renamed
+        assert os.path.getsize(src) > 0
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        write()
+    assert calls == [(f"{target}.{os.getpid()}.tmp", str(target))]
+    # the temp file is removed, the target never written
+    temps = [f for f in os.listdir(target.parent) if f.endswith(".tmp")]
+    assert not temps and not target.exists()
+    monkeypatch.undo()
+    write()
+    assert target.exists() and not [f for f in os.listdir(target.parent) if f.endswith(".tmp")]
+
+#################################################################################
+#                                   sample.py                                   #
+#################################################################################
+
+# fast on 2 cores
+SAMPLE_TINY = dict(depth=2, hidden_size=64, num_heads=2, patch_size=8)
+
+
+SAMPLE_TINY_ARGS = ["--model", "DiT-S/8",
+                    "--model-kwargs", '{"depth": 2, "hidden_size": 64, "num_heads": 2}']
+
+
+SAMPLE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
+
+
+def sample_grid_reference(x, nrow=4, pad=2):
+    """torchvision save_image(x, nrow=4, normalize=True, value_range=(-1, 1)) pixels, written in
+    numpy float32."""
+    x = np.clip(x.astype(np.float32), -1, 1)
+    x = (x - np.float32(-1)) / np.float32(2)
+    x = np.clip(x * np.float32(255) + np.float32(0.5), 0, 255).astype(np.uint8)
+    n, c, h, w = x.shape
+    cols = min(nrow, n)
+    rows = -(-n // cols)
+    g = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
+    for i in range(n):
+        top, left = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
+        g[top:top + h, left:left + w] = x[i].transpose(1, 2, 0)
+    return g
+
+
+def sample_png(path):
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def sample_files(tmp_path_factory):
+    """Local checkpoints: raw and train.py-style latent DiT (32x32 images), pixel-space DiT, tiny
+    VAE folder."""
+    root = tmp_path_factory.mktemp("sample_files")
+    out = {}
+    sd = fill_(dit.DiT(input_size=16, num_classes=1000, **SAMPLE_TINY).state_dict(), 1, scale=0.5)
+    out["raw"] = str(root / "raw.pt")
+    torch.save(sd, out["raw"])
+    # train.py layout: sampling must use "ema", not "model"
+    out["train"] = str(root / "train.pt")
+    zeros = {k: torch.zeros_like(v) for k, v in sd.items()}
+    torch.save({"model": zeros, "ema": sd, "opt": {}}, out["train"])
+    out["pixel"] = str(root / "pixel.pt")
+    pixel = dit.DiT(input_size=16, in_channels=3, num_classes=10, **SAMPLE_TINY)
+    torch.save(fill_(pixel.state_dict(), 2, scale=0.5), out["pixel"])
+    # down-samples 2x
+    out["vae"] = str(root / "vae")
+    tiny_vae(seed=3, save_to=out["vae"])
+    return out
+
+
+def sample_latent_args(files, out, *extra):
+    return [*SAMPLE_TINY_ARGS, "--ckpt", files["train"], "--vae", files["vae"],
+            "--image-size", "32", "--num-sampling-steps", "4", "--out", str(out), *extra]
+
+
+def sample_pixel_args(files, out, *extra):
+    return ["--ckpt", files["pixel"], *SAMPLE_TINY_ARGS, "--vae", "none", "--image-size", "16",
+            "--num-classes", "10", "--out", str(out), *extra]
+
+
+def sample_pixel_set_args(out, n, *extra):
+    """An .npz set of n pixel-space images, 3 DDPM steps, batches of 2 (no --ckpt)."""
+    return [*SAMPLE_TINY_ARGS, "--vae", "none", "--image-size", "16", "--num-classes", "10",
+            "--num-sampling-steps", "3", "--per-proc-batch-size", "2",
+            "--num-fid-samples", str(n), "--out", str(out), *extra]
+
+
+# sha256 of the pixels torchvision 0.29's save_image(x, nrow=4, normalize=True,
+# value_range=(-1, 1)) writes for x = randn((n, 3, 6, 7), seed n) * 1.5 (computed once with
+# torchvision; it is not a dependency).
+TORCHVISION_GRID_SHA256 = {5: "227e872104a061968cb0c271f0dc6fb5da3996b90e403a1a2b5d3b91240be46d",
+                           8: "f8ca214d4be3d88a91e877ae163caf8f351f7be78752338fe677012621686ee3"}
+
+
+@pytest.mark.parametrize("n", [5, 8])
+def test_sample_grid_matches_torchvision_save_image(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn((n, 3, 6, 7), generator=g, dtype=torch.float64).float() * 1.5
+    grid = sample.make_grid(sample.to_uint8(x))
+    assert grid.shape == (2 * (6 + 2) + 2, 4 * (7 + 2) + 2, 3) and grid.dtype == np.uint8
+    assert hashlib.sha256(grid.tobytes()).hexdigest() == TORCHVISION_GRID_SHA256[n]
+    # the test's own reference agrees too
+    assert np.array_equal(grid, sample_grid_reference(x.numpy()))
+
+
+SAMPLE_DDIM = ["--sampler", "ddim", "--cfg-all-channels", "--labels", "3", "999", "0", "5", "7"]
+
+
+@pytest.mark.parametrize("extra", [[], SAMPLE_DDIM], ids=["ddpm", "ddim-all-channels-5-labels"])
+def test_sample_matches_reference_built_from_the_other_files(sample_files, tmp_path, extra):
+    out = tmp_path / "grid.png"
+    sample.main(sample_latent_args(sample_files, out, "--seed", "3", *extra))
+    ddim = bool(extra)
+    labels = [3, 999, 0, 5, 7] if ddim else SAMPLE_LABELS
+    # The official sample.py, written with dit.py, diffusion.py and vae.py. Its VAE loader
+    # (diffusers' from_pretrained) draws no random numbers, so loading ours before seeding is the
+    # same program.
+    v = vae.load_vae(sample_files["vae"])
+    torch.manual_seed(3)
+    # init draws from the CPU generator, as official
+    model = dit.DiT(input_size=16, num_classes=1000, **SAMPLE_TINY)
+    model.load_state_dict(torch.load(sample_files["raw"], weights_only=True))
+    model.eval()
+    d = create_diffusion("ddim4" if ddim else "4")
+    z = torch.randn(len(labels), 4, 16, 16)
+    y = torch.tensor(labels)
+    z = torch.cat([z, z], 0)
+    y = torch.cat([y, torch.tensor([1000] * len(labels))], 0)
+    kwargs = dict(y=y, cfg_scale=4.0, cfg_channels=None if ddim else 3)
+    loop = d.ddim_sample_loop if ddim else d.p_sample_loop
+    with torch.no_grad():
+        x = loop(model.forward_with_cfg, z.shape, z, clip_denoised=False, model_kwargs=kwargs,
+                 device="cpu")
+        x, _ = x.chunk(2, dim=0)
+        images = v.decode(x / 0.18215).numpy()
+    expected = sample_grid_reference(images)
+    got = sample_png(out)
+    assert got.shape == (2 * (32 + 2) + 2, 4 * (32 + 2) + 2, 3)
+    # not saturated, not flat
+    assert 0.05 < (images.clip(-1, 1) == images).mean() and images.std() > 0.1
+    assert np.array_equal(got, expected)
+
+
+def test_sample_same_seed_same_image(sample_files, tmp_path):
+    def run(name, *extra):
+        sample.main(sample_latent_args(sample_files, tmp_path / name, "--labels", "1", "2", *extra))
+        return (tmp_path / name).read_bytes()
+
+    assert run("a.png") == run("b.png")
+    assert run("c.png", "--seed", "1") != run("a.png")
+    bf16 = run("d.png", "--precision", "bf16")
+    assert bf16 == run("e.png", "--precision", "bf16")
+    diff = sample_png(tmp_path / "d.png").astype(int) - sample_png(tmp_path / "a.png").astype(int)
+    # bf16 rounding changes pixels a little, not the picture
+    assert 0 < np.abs(diff).mean() < 8
+
+
+# the checkpoint holds a latent DiT-S/8 of depth 2 and width 64 for 32x32 images; the last of a
+# repeated flag wins
+@pytest.mark.parametrize("change, message", [
+    pytest.param(["--model-kwargs", "{}"], "does not fit", id="another-model"),
+    pytest.param(["--model-kwargs", '{"dept": 2}'], "DiT has no argument dept", id="unknown-kwarg"),
+    pytest.param(["--model-kwargs", "[2]"], "not a JSON object", id="kwargs-not-an-object"),
+    pytest.param(["--image-size", "64"], "does not fit", id="another-image-size"),
+    pytest.param(["--vae", "none", "--image-size", "16"], "does not fit", id="pixels-asked"),
+    pytest.param(["--image-size", "36"], "input_size 18 is not divisible by patch_size 8",
+                 id="size-not-a-multiple-of-the-patch"),
+    pytest.param(["--labels", "5", "1000"], "out of range", id="label-out-of-range"),
+    pytest.param(["--ckpt", "missing.pt"], "is not a file", id="missing-checkpoint"),
+])
+def test_sample_bad_input_fails_before_sampling(sample_files, tmp_path, capsys, change, message):
+    with pytest.raises(SystemExit) as e:
+        sample.main(sample_latent_args(sample_files, tmp_path / "x.png", *change))
+    assert message in str(e.value)
+    assert not (tmp_path / "x.png").exists() and "sampling step" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-sampling-steps", "2000"], "cannot take 2000 sampling steps out of 1000"),
+    (["--sampler", "ddim", "--num-sampling-steps", "999"], "cannot take exactly 999 DDIM steps"),
+    (["--sampler", "dpm++", "--num-sampling-steps", "1001"], "DPM-Solver++ takes 1 to 1000"),
+    (["--num-fid-samples", "0"], "argument --num-fid-samples: 0 is not a whole number >= 1"),
+    (["--cfg-scale", "nan"], "argument --cfg-scale: nan is not a number in [0, inf)"),
+    (["--cfg-interval", "600", "100"], "--cfg-interval 600.0 100.0: LO must be below HI"),
+    (["--out", "{tmp}"], "--out {tmp} is a folder, or its folder does not exist"),
+    (["--out", "{tmp}/missing/x.png"], "--out {tmp}/missing/x.png is a folder, or its folder"),
+    (["--out", "{tmp}/x.npz"], "--out {tmp}/x.npz: not an image file name"),
+    (["--num-fid-samples", "4", "--out", "{tmp}/x.png"], "FID sets are written as .npz files"),
+    (["--ckpt", "{tmp}/empty.pt"], "empty.pt is not a readable checkpoint: empty, truncated"),
+    (["--ckpt", "{tmp}/random.pt"], "random.pt is not a readable checkpoint: empty, truncated"),
+    (["--ckpt", "{tmp}/evil.pt"], "evil.pt is not a readable checkpoint: it holds pickled Python"),
+], ids=["ddpm-2000", "ddim-999", "dpm-1001", "set-of-0", "cfg-nan", "interval", "out-folder",
+        "out-missing-folder", "grid-npz", "set-png", "empty", "random", "pickled-code"])
+def test_sample_bad_flags_and_files_fail_in_one_line(sample_files, tmp_path, capsys, flags,
+                                                      message):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(os.urandom(3000))
+    torch.save({"model": RunsCode(str(tmp_path / "code_ran"))}, tmp_path / "evil.pt")
+    argv = sample_pixel_args(sample_files, tmp_path / "x.png")
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv + [f.format(tmp=tmp_path) for f in flags])
+    text = str(e.value) if e.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
+    assert text.startswith("sample.py: error: ") and message.format(tmp=tmp_path) in text
+    assert "weights_only" not in text and "\n" not in text
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.npz").exists()
+
+
+def test_sample_download_requires_official_model():
+    with pytest.raises(SystemExit, match="only the latent DiT-XL/2"):
+        sample.main([*SAMPLE_TINY_ARGS, "--image-size", "32"])
+
+
+def test_sample_default_labels_fit_any_class_count():
+    assert sample.default_labels(1000) == [207, 360, 387, 974, 88, 979, 417, 279]
+    assert sample.default_labels(10) == list(range(8))
+    assert sample.default_labels(3) == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert sample.default_labels(1) == [0] * 8
+
+
+def test_sample_dpm_solver_and_interval_reach_the_solver_loop(sample_files, tmp_path):
+    out = tmp_path / "dpm.png"
+    sample.main(sample_pixel_args(sample_files, out, "--labels", "1", "2", "--sampler", "dpm++",
+                                  "--num-sampling-steps", "3", "--cfg-interval", "300", "900"))
+    torch.manual_seed(0)
+    model = dit.DiT(input_size=16, in_channels=3, num_classes=10, **SAMPLE_TINY).eval()
+    model.load_state_dict(torch.load(sample_files["pixel"], weights_only=True))
+    z = torch.randn(2, 3, 16, 16)
+    kwargs = dict(y=torch.tensor([1, 2, 10, 10]), cfg_scale=4.0, cfg_interval=(300, 900))
+    with torch.no_grad():
+        x = create_diffusion("").dpm_solver_sample_loop(
+            model.forward_with_cfg, (4, 3, 16, 16), torch.cat([z, z]), num_steps=3,
+            clip_denoised=True, model_kwargs=kwargs, device="cpu")[:2]
+    expected = sample.make_grid(sample.to_uint8(x))
+    assert np.array_equal(np.asarray(Image.open(out)), expected)
+
+
+def test_sample_run_checkpoint_needs_no_other_flag(tmp_path):
+    root = pixel_run(tmp_path, "--max-steps", "1", "--ema-decay", "0")
+    ckpt = str(root / "000-DiT-S-8" / "checkpoints" / "0000001.pt")
+    sample.main(["--ckpt", ckpt, "--num-sampling-steps", "2", "--out", str(tmp_path / "a.png")])
+    explicit = ["--model", "DiT-S/8", "--model-kwargs", TINY[3], "--vae", "none",
+                "--image-size", "16", "--num-classes", "2"]
+    sample.main(["--ckpt", ckpt, "--num-sampling-steps", "2", "--out", str(tmp_path / "b.png"),
+                 *explicit])
+    a = np.asarray(Image.open(tmp_path / "a.png"))
+    assert a.shape == (2 * 18 + 2, 4 * 18 + 2, 3)
+    assert np.array_equal(a, np.asarray(Image.open(tmp_path / "b.png")))
+    with pytest.raises(SystemExit, match="does not fit --model DiT-S/8 --image-size 32"):
+        sample.main(["--ckpt", ckpt, "--num-sampling-steps", "2", "--image-size", "32",
+                     "--out", str(tmp_path / "c.png")])
+
+
+def test_sample_check_loads_everything_and_samples_nothing(sample_files, tmp_path, capsys):
+    sample.main(sample_pixel_args(sample_files, tmp_path / "x.png", "--check"))
+    out = capsys.readouterr().out
+    assert f"DiT checkpoint: {sample_files['pixel']}" in out and "pixels" in out
+    assert "everything needed to sample is in place" in out
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_npz_set_resume_equals_uninterrupted_run(sample_files, tmp_path):
+    fresh, resumed = tmp_path / "fresh.npz", tmp_path / "resumed.npz"
+    ckpt = ["--ckpt", sample_files["pixel"]]
+    sample.main(sample_pixel_set_args(fresh, 5, *ckpt))
+    # "interrupted" after one batch
+    sample.main(sample_pixel_set_args(resumed, 2, *ckpt))
+    first = os.stat(tmp_path / "resumed_parts" / "rank000-batch000000.npz").st_mtime_ns
+    sample.main(sample_pixel_set_args(resumed, 5, *ckpt))
+    # not redone
+    assert os.stat(tmp_path / "resumed_parts" / "rank000-batch000000.npz").st_mtime_ns == first
+    a, b = np.load(fresh)["arr_0"], np.load(resumed)["arr_0"]
+    assert a.shape == (5, 16, 16, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert len({x.tobytes() for x in a}) == 5 and a.std() > 10
+    # finished batches of other options are never mixed in
+    with pytest.raises(SystemExit, match="cfg_scale"):
+        sample.main(sample_pixel_set_args(resumed, 5, *ckpt, "--cfg-scale", "2"))
+
+
+def test_sample_npz_set_batches_are_tied_to_the_weights(sample_files, tmp_path):
+    ckpt = tmp_path / "w.pt"
+    shutil.copy(sample_files["pixel"], ckpt)
+    argv = sample_pixel_set_args(tmp_path / "s.npz", 2, "--ckpt", str(ckpt),
+                                 "--num-sampling-steps", "2")
+    sample.main(argv)
+    weights = torch.load(ckpt, weights_only=True)
+    torch.save({k: v * 1.01 for k, v in weights.items()}, ckpt)
+    with pytest.raises(SystemExit, match="weights_sha256"):
+        sample.main(argv)
+
+
+@pytest.mark.slow
+def test_sample_npz_set_two_processes_torchrun_and_resume(sample_files, tmp_path):
+    out = tmp_path / "fid.npz"
+
+    def torchrun(n):
+        args = sample_latent_args(sample_files, out, "--num-fid-samples", str(n),
+                                  "--per-proc-batch-size", "2", "--cfg-scale", "1.5")
+        run_torchrun([os.path.join(HERE, "sample.py"), *args], cwd=tmp_path)
+        return np.load(out)["arr_0"]
+
+    # 2 ranks x 1 batch of 2, the last image dropped
+    first = torchrun(3)
+    parts = tmp_path / "fid_parts"
+    shards = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.npz")}
+    assert sorted(shards) == ["rank000-batch000000.npz", "rank001-batch000000.npz"]
+    assert first.shape == (3, 32, 32, 3) and first.dtype == np.uint8
+    # continues: one more batch per rank
+    full = torchrun(7)
+    # finished batches kept
+    assert all(os.stat(parts / name).st_mtime_ns == t for name, t in shards.items())
+    assert len(list(parts.glob("*.npz"))) == 4
+    assert full.shape == (7, 32, 32, 3) and np.array_equal(full[:3], first)
+    # ranks drew different noise
+    assert len({x.tobytes() for x in full}) == 7
+    # image b * 4 + i * 2 + r comes from rank r's batch b, row i (the official sample_ddp.py
+    # numbering)
+    assert np.array_equal(full[5], np.load(parts / "rank001-batch000001.npz")["images"][0])
+    labels = np.concatenate([np.load(p)["labels"] for p in sorted(parts.glob("*.npz"))])
+    assert labels.min() >= 0 and labels.max() < 1000
+
+
+def test_sample_default_download_from_local_servers(tmp_path, monkeypatch, http_server):
+    # Stand-ins: the official DiT-XL/2 is the tiny model (so its checkpoint is small), the SD VAE a
+    # tiny one that downsamples 8x, both served over HTTP from 127.0.0.1 as the two real hosts
+    # would.
+    monkeypatch.setitem(dit.DiT_models, "DiT-XL/2", lambda **kw: dit.DiT(**SAMPLE_TINY, **kw))
+    root, requests = http_server.root, http_server.log
+    (root / "dit").mkdir(parents=True)
+    official = dit.DiT(input_size=32, num_classes=1000, **SAMPLE_TINY).state_dict()
+    torch.save(fill_(official, 4, scale=0.5), root / "dit" / "DiT-XL-2-256x256.pt")
+    hub_folder = root / "stabilityai" / "sd-vae-ft-mse" / "resolve" / "main"
+    tiny_vae(seed=5, save_to=hub_folder, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+    monkeypatch.setenv("DIT_WEIGHTS_URL", http_server.url + "/dit")
+    monkeypatch.setenv("HF_ENDPOINT", http_server.url)
+    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    args = ["--num-sampling-steps", "2", "--labels", "1", "2"]
+    # everything else default: DiT-XL/2, 256, mse
+    sample.main(args + ["--out", str(tmp_path / "a.png")])
+    assert "GET /dit/DiT-XL-2-256x256.pt" in requests
+    assert "GET /stabilityai/sd-vae-ft-mse/resolve/main/config.json" in requests
+    served = len(requests)
+    assert sample_png(tmp_path / "a.png").shape == (256 + 4, 2 * 256 + 6, 3)
+    sample.main(args + ["--out", str(tmp_path / "b.png")])
+    # the second run reads the caches
+    assert len(requests) == served
+    sample.main(args + ["--out", str(tmp_path / "c.png"),
+                        "--ckpt", str(root / "dit" / "DiT-XL-2-256x256.pt"),
+                        "--vae", str(hub_folder)])
+    assert np.array_equal(sample_png(tmp_path / "a.png"), sample_png(tmp_path / "b.png"))
+    assert np.array_equal(sample_png(tmp_path / "a.png"), sample_png(tmp_path / "c.png"))
+
+#################################################################################
+#                                    train.py                                   #
+#################################################################################
+
+# 8x8 latents: 16 tokens
+TINY_LATENT = '{"depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 2}'
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """2-process gloo runs: `torchrun train.py` pixel space 5 steps straight (a); then in one more
+    launch: 2 steps then resumed to 5 (b), and a latent run with a tiny VAE whose cache both ranks
+    build (c). Only slow tests use it."""
+    root = tmp_path_factory.mktemp("ddp")
+    # 13 images, batch 4 on 2 ranks: 3 steps per epoch
+    data = write_images(root / "data", per_class=(7, 6))
+    pixel = [*TINY, "--data-path", data, "--vae", "none", "--image-size", "16",
+             "--num-classes", "2", "--global-batch-size", "4", "--ckpt-every", "2"]
+    tiny_vae(save_to=root / "vae", block_out_channels=(8, 8), norm_num_groups=4)
+    latent = [*TINY, "--data-path", data, "--vae", str(root / "vae"), "--image-size", "16",
+              "--num-classes", "2", "--global-batch-size", "2", "--model-kwargs", TINY_LATENT]
+    a = run_torchrun([TRAIN, *pixel, "--results-dir", "a", "--max-steps", "5"], cwd=root)
+    r = run_torchrun_many([[*pixel, "--results-dir", "b", "--max-steps", "2"],
+                           [*pixel, "--resume", "b/000-DiT-S-8", "--max-steps", "5"],
+                           [*latent, "--results-dir", "c", "--latent-cache", "cache",
+                            "--max-steps", "2"]], cwd=root)
+    return root, a.stdout + r.stdout
+
+
+def test_train_center_crop_matches_adm():
+    """Box-halving then bicubic to the short side, centre crop: shapes and a pure-resize case."""
+    a = np.random.default_rng(0).integers(0, 256, (70, 150, 3), dtype=np.uint8)
+    out = train.center_crop_arr(Image.fromarray(a), 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    # 70 >= 64: halved once
+    half = Image.fromarray(a).resize((75, 35), resample=Image.BOX)
+    ref = np.asarray(half.resize((round(75 * 32 / 35), 32), resample=Image.BICUBIC))
+    left = (ref.shape[1] - 32) // 2
+    np.testing.assert_array_equal(out, ref[:, left:left + 32])
+
+
+def test_train_epoch_order_is_torch_ddp_order():
+    """Same indices as DistributedSampler(shuffle=True, seed), padded, split over ranks; flips per
+    index."""
+    from torch.utils.data.distributed import DistributedSampler
+    data = list(range(11))
+    for rank in range(3):
+        ref = DistributedSampler(data, num_replicas=3, rank=rank, shuffle=True, seed=5)
+        ref.set_epoch(2)
+        ours = train.epoch_order(11, 2, 5, rank, 3)
+        assert [i for i, _ in ours] == list(ref)
+        assert all(f in (0, 1) for _, f in ours)
+    flips = [f for r in range(3) for _, f in train.epoch_order(11, 2, 5, r, 3)]
+    assert 0 < sum(flips) < len(flips)
+
+
+@pytest.mark.slow
+def test_train_ddp_resume_is_bit_identical(ddp_runs):
+    """2-process gloo DDP, pixel space: 5 steps straight == 2 steps + resume (mid-epoch) + 3 steps
+    (crossing into the next epoch): model, EMA, optimizer and every rank's RNG bit-identical."""
+    root, stdout = ddp_runs
+    assert "Resuming from" in stdout
+    straight = load(root / "a/000-DiT-S-8/checkpoints/0000005.pt")
+    resumed = load(root / "b/000-DiT-S-8/checkpoints/0000005.pt")
+    assert resumed["step"] == straight["step"] == 5 and resumed["epoch"] == straight["epoch"] == 1
+    for part in ("model", "ema"):
+        for k, v in straight[part].items():
+            assert torch.equal(v, resumed[part][k]), (part, k)
+    for p, s in straight["opt"]["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, resumed["opt"]["state"][p][k]), (p, k)
+    same_rng = [torch.equal(a["cpu"], b["cpu"]) for a, b in zip(straight["rng"], resumed["rng"])]
+    assert same_rng == [True, True]
+    # one stream per rank
+    assert not torch.equal(straight["rng"][0]["cpu"], straight["rng"][1]["cpu"])
+    first = load(root / "a/000-DiT-S-8/checkpoints/0000002.pt")
+    # the resume point is inside an epoch
+    assert (first["epoch"], first["batch"]) == (0, 2)
+    key = "final_layer.linear.weight"
+    assert not torch.equal(first["ema"][key], straight["ema"][key])
+    # the log goes on in the same folder
+    assert "(step=0000005)" in open(root / "b/000-DiT-S-8/log.txt").read()
+
+
+@pytest.mark.slow
+def test_train_latent_cache_ddp_and_same_inputs(ddp_runs):
+    """Latent path with a tiny VAE: 2 ranks built the cache (mean and std of every image and its
+    mirror) and trained from it; a cached draw equals vae.encode(x).sample() under the same random
+    state."""
+    root, stdout = ddp_runs
+    assert "Wrote latent cache" in stdout and not os.path.exists(root / "cache.tmp")
+    ckpt = load(root / "c/000-DiT-S-8/checkpoints/0000002.pt")
+    # latent channels
+    assert ckpt["model"]["x_embedder.proj.weight"].shape[1] == 4
+    v = vae.load_vae(str(root / "vae"))
+    _, samples = train.find_images(str(root / "data"))
+    images, cache = train.ImageFolder(samples, 16), train.LatentCache(str(root / "cache"))
+    assert list(cache.labels) == [0] * 7 + [1] * 6
+    # rows written by both ranks
+    for i in range(13):
+        for flip in (0, 1):
+            x, y = images[(i, flip)]
+            cached, label = cache[(i, flip)]
+            posterior = v.encode(x[None])
+            assert label == y and cached.shape == (2, 4, 8, 8)
+            torch.testing.assert_close(cached[0], posterior.mean[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cached[1], posterior.std[0], rtol=1e-5, atol=1e-6)
+            torch.manual_seed(i)
+            direct = train.to_latent(x[None], v, cached=False)
+            torch.manual_seed(i)
+            from_cache = train.to_latent(cached[None], v, cached=True)
+            torch.testing.assert_close(from_cache, direct, rtol=1e-5, atol=1e-5)
+    # the cache is reused, and refused for other settings; the on-the-fly VAE path trains and
+    # samples too
+    common = [*TINY, "--data-path", str(root / "data"), "--vae", str(root / "vae"),
+              "--image-size", "16", "--num-classes", "2", "--global-batch-size", "2",
+              "--model-kwargs", TINY_LATENT, "--results-dir", str(root / "d"), "--max-steps", "1"]
+    run_inline([*common, "--latent-cache", str(root / "cache")])
+    with pytest.raises(SystemExit, match="latent-cache .* holds other images or settings"):
+        run_inline([*common, "--latent-cache", str(root / "cache"), "--image-size", "32"])
+    run_inline([*common, "--sample-every", "1"])
+    assert Image.open(root / "d/001-DiT-S-8/samples/0000001.png").size == (74, 74)
+
+
+def test_train_checkpoint_layout_logging_grid_and_find_model(tmp_path):
+    """Official layout and keys, weights_only loading, dit.find_model, --keep-last, log lines,
+    EMA grid."""
+    data = write_images(tmp_path / "data")
+    run_inline([*TINY, "--data-path", data, "--results-dir", str(tmp_path / "results"),
+                "--vae", "none", "--image-size", "16", "--num-classes", "1",
+                "--global-batch-size", "2", "--max-steps", "3", "--ckpt-every", "1",
+                "--keep-last", "2", "--sample-every", "3"])
+    exp = tmp_path / "results/000-DiT-S-8"
+    assert sorted(os.listdir(exp / "checkpoints")) == ["0000002.pt", "0000003.pt"]
+    ckpt = load(exp / "checkpoints/0000003.pt")
+    assert {"model", "ema", "opt", "args"} <= set(ckpt) and isinstance(ckpt["args"], dict)
+    assert ckpt["args"]["model"] == "DiT-S/8" and ckpt["step"] == 3
+    sd = dit.find_model(str(exp / "checkpoints/0000003.pt"))
+    assert all(torch.equal(sd[k], v) for k, v in ckpt["ema"].items())
+    model = dit.DiT(input_size=16, patch_size=8, in_channels=3, hidden_size=32, depth=2,
+                    num_heads=2, num_classes=1)
+    model.load_state_dict(sd)
+    log = open(exp / "log.txt").read()
+    assert "(step=0000003) loss" in log and "steps/s" in log and "img/s" in log
+    assert "Saved checkpoint" in log
+    grid = Image.open(exp / "samples/0000003.png")
+    # 4 x 16 pixels + 2-pixel padding
+    assert grid.size == (74, 74) and grid.mode == "RGB"
+
+
+def test_train_loss_goes_down_on_a_learnable_set(tmp_path):
+    """Flat colour per class: the tiny pixel DiT's loss falls several-fold within 60 steps."""
+    data = write_images(tmp_path / "data", per_class=(8, 8), flat=True)
+    kwargs = '{"depth": 2, "hidden_size": 32, "num_heads": 2, "patch_size": 2}'
+    run_inline([*TINY, "--model-kwargs", kwargs, "--data-path", data,
+                "--results-dir", str(tmp_path / "r"), "--vae", "none", "--image-size", "8",
+                "--num-classes", "2", "--global-batch-size", "16", "--max-steps", "60",
+                "--lr", "2e-3", "--log-every", "10", "--ckpt-every", "1000"])
+    lines = [line for line in open(tmp_path / "r/000-DiT-S-8/log.txt") if "(step=" in line]
+    losses = [float(line.split("loss ")[1].split(",")[0]) for line in lines]
+    assert len(losses) == 6 and losses[-1] < 0.3 * losses[0], losses
+
+
+def test_train_bf16_and_fp16_steps_run(tmp_path):
+    """Mixed precision paths (bf16 autocast; fp16 with a grad scaler that is saved for resume)."""
+    data = write_images(tmp_path / "data")
+    common = [*TINY, "--data-path", data, "--results-dir", str(tmp_path / "r"), "--vae", "none",
+              "--image-size", "16", "--num-classes", "2", "--global-batch-size", "2",
+              "--max-steps", "2"]
+    run_inline([*common, "--precision", "bf16"])
+    run_inline([*common, "--precision", "fp16", "--grad-checkpointing"])
+    ckpt = load(tmp_path / "r/001-DiT-S-8/checkpoints/0000002.pt")
+    assert ckpt["scaler"]["scale"] > 0
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    """A NaN loss at step 3 stops the run with a message naming the last good checkpoint; none is
+    written after it."""
+    data = write_images(tmp_path / "data")
+    real = train.create_diffusion
+
+    def nan_at_step_3(*a, **k):
+        d, calls = real(*a, **k), [0]
+        losses = d.training_losses
+
+        def poisoned(*args, **kwargs):
+            out = losses(*args, **kwargs)
+            calls[0] += 1
+            return {k: v * float("nan") for k, v in out.items()} if calls[0] == 3 else out
+
+        d.training_losses = poisoned
+        return d
+
+    monkeypatch.setattr(train, "create_diffusion", nan_at_step_3)
+    message = r"NaN/inf at step 4 or before; resume from the last good checkpoint .*0000002.pt"
+    with pytest.raises(SystemExit, match=message):
+        run_inline([*TINY, "--data-path", data, "--results-dir", str(tmp_path / "r"),
+                    "--vae", "none", "--image-size", "16", "--num-classes", "2",
+                    "--global-batch-size", "2", "--max-steps", "6", "--ckpt-every", "2",
+                    "--log-every", "4"])
+    assert os.listdir(tmp_path / "r/000-DiT-S-8/checkpoints") == ["0000002.pt"]
+
+
+def test_train_corrupt_image_is_named_and_skipped(tmp_path, capsys):
+    """An unreadable file is reported by name on stderr and replaced by the next image; never a
+    crash."""
+    data = write_images(tmp_path / "data", per_class=(2, 2))
+    with open(tmp_path / "data/class_0/0.png", "wb") as f:
+        f.write(b"not a png")
+    _, samples = train.find_images(data)
+    x, y = train.ImageFolder(samples, 16)[(0, 1)]
+    err = capsys.readouterr().err
+    assert f"skipping unreadable image {samples[0][0]}" in err
+    assert samples[0][0].endswith("class_0/0.png")
+    ref, _ = train.ImageFolder(samples, 16)[(1, 1)]
+    assert torch.equal(x, ref) and y == 0 and x.shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("flags, message", [
+    pytest.param(["--global-batch-size", "0"],
+                 "argument --global-batch-size: 0 is not a whole number >= 1", id="batch-0"),
+    pytest.param(["--global-batch-size", "-4"],
+                 "argument --global-batch-size: -4 is not a whole number >= 1", id="batch-minus-4"),
+    pytest.param(["--ckpt-every", "0"], "argument --ckpt-every: 0 is not a whole number >= 1",
+                 id="ckpt-every-0"),
+    pytest.param(["--log-every", "0"], "argument --log-every: 0 is not a whole number >= 1",
+                 id="log-every-0"),
+    pytest.param(["--max-steps", "0"], "argument --max-steps: 0 is not a whole number >= 1",
+                 id="max-steps-0"),
+    pytest.param(["--max-steps", "-3"], "argument --max-steps: -3 is not a whole number >= 1",
+                 id="max-steps-minus-3"),
+    pytest.param(["--epochs", "0"], "argument --epochs: 0 is not a whole number >= 1",
+                 id="epochs-0"),
+    pytest.param(["--keep-last", "-1"], "argument --keep-last: -1 is not a whole number >= 0",
+                 id="keep-last-minus-1"),
+    pytest.param(["--lr", "nan"], "argument --lr: nan is not a number in [0, inf)", id="lr-nan"),
+    pytest.param(["--ema-decay", "1"], "argument --ema-decay: 1 is not a number in [0, 1)",
+                 id="ema-decay-1"),
+    pytest.param(["--fid-num-samples", "1"],
+                 "argument --fid-num-samples: 1 is not a whole number >= 2", id="eval-images-1"),
+])
+def test_train_bad_flags_are_refused_by_argparse(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        run_inline([*PIXEL, "--data-path", str(tmp_path), "--results-dir", str(tmp_path / "r"),
+                    *flags])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"train.py: error: {message}"
+    assert not os.path.exists(tmp_path / "r")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no-folder", "--data-path {tmp}/nope is not a folder"),
+    ("no-classes", "--data-path {tmp}/flat has no images"),
+    ("empty-class", "--data-path {tmp}/empty has no images"),
+    ("too-many-classes", "--data-path has 3 class folders but --num-classes is 2"),
+    ("batch-too-big", "10 images do not fill a batch of 16; lower --global-batch-size"),
+    ("all-unreadable", "none of the 4 images in --data-path can be read"),
+    ("unknown-kwarg", "--model-kwargs {{\"dept\": 2}} is not a JSON object of DiT arguments "
+                      "(DiT has no argument dept"),
+    ("heads", "hidden_size 32 is not divisible by num_heads 5"),
+    ("not-json", "--model-kwargs depth=2 is not a JSON object of DiT arguments"),
+    ("patch", "input_size 20 is not divisible by patch_size 8"),
+    ("cache-without-autoencoder", "--latent-cache needs a VAE"),
+    ("resume-missing", "--resume {tmp}/nope does not exist"),
+    ("eval-no-ref", "--fid-ref None does not exist; --fid-every needs"),
+    ("eval-steps", "--fid-steps 999: cannot take exactly 999 DDIM steps"),
+    ("odd-processes", "--global-batch-size 3 is not divisible by the 2 processes"),
+], ids=["no-folder", "no-classes", "empty-class", "too-many-classes", "batch-too-big",
+        "all-unreadable", "unknown-kwarg", "heads", "not-json", "patch",
+        "cache-without-autoencoder", "resume-missing", "eval-no-ref", "eval-steps",
+        "odd-processes"])
+def test_train_bad_inputs_fail_before_anything_is_made(tmp_path, case, message):
+    data = write_images(tmp_path / "data")
+    flags = {"no-folder": ["--data-path", str(tmp_path / "nope")],
+             "too-many-classes": ["--data-path", write_images(tmp_path / "three", (2, 2, 2))],
+             "batch-too-big": ["--global-batch-size", "16"],
+             "unknown-kwarg": ["--model-kwargs", '{"dept": 2}'],
+             "heads": ["--model-kwargs", '{"depth": 1, "hidden_size": 32, "num_heads": 5}'],
+             "not-json": ["--model-kwargs", "depth=2"],
+             "patch": ["--image-size", "20"],
+             "cache-without-autoencoder": ["--latent-cache", str(tmp_path / "cache")],
+             "resume-missing": ["--resume", str(tmp_path / "nope")],
+             "eval-no-ref": ["--fid-every", "2"],
+             "eval-steps": ["--fid-steps", "999"]}.get(case, [])
+    if case == "no-classes":
+        os.makedirs(tmp_path / "flat")
+        Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
+        flags = ["--data-path", str(tmp_path / "flat")]
+    if case == "empty-class":
+        os.makedirs(tmp_path / "empty" / "cls")
+        flags = ["--data-path", str(tmp_path / "empty")]
+    if case == "all-unreadable":
+        for i in range(4):
+            os.makedirs(tmp_path / "bad" / f"c{i % 2}", exist_ok=True)
+            (tmp_path / "bad" / f"c{i % 2}" / f"{i}.png").write_bytes(b"not a png")
+        flags = ["--data-path", str(tmp_path / "bad")]
+    with pytest.raises(SystemExit) as e:
+        if case == "odd-processes":
+            args = train.parse_args([*PIXEL, "--data-path", data, "--global-batch-size", "3",
+                                     "--results-dir", str(tmp_path / "r")])
+            train.train(args, rank=0, world_size=2, device=torch.device("cpu"))
+        else:
+            run_inline([*PIXEL, "--data-path", data, "--results-dir", str(tmp_path / "r"),
+                        *flags])
+    assert str(e.value).startswith("train.py: error: ")
+    assert message.format(tmp=tmp_path) in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "r")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("other-model-kwargs", "was trained with --model-kwargs"),
+    ("other-image-size", "was trained with --image-size 16, not 32"),
+    ("foreign-checkpoint", "not a checkpoint written by this train.py"),
+], ids=["other-model-kwargs", "other-image-size", "foreign-checkpoint"])
+def test_train_resume_refuses_another_run(tmp_path, case, message):
+    exp = str(pixel_run(tmp_path, "--max-steps", "1") / "000-DiT-S-8")
+    torch.save({"model": {}, "ema": {}}, tmp_path / "official.pt")
+    flags = {"other-model-kwargs": ["--resume", exp, "--model-kwargs",
+                                    '{"depth": 3, "hidden_size": 32, "num_heads": 2}'],
+             "other-image-size": ["--resume", exp, "--image-size", "32"],
+             "foreign-checkpoint": ["--resume", str(tmp_path / "official.pt")]}[case]
+    with pytest.raises(SystemExit, match=message):
+        pixel_run(tmp_path, "--max-steps", "1", *flags, data=str(tmp_path / "data"))
+
+
+def test_train_keep_last_keeps_the_newest(tmp_path):
+    root = pixel_run(tmp_path, "--max-steps", "3", "--ckpt-every", "1", "--keep-last", "1")
+    assert os.listdir(root / "000-DiT-S-8" / "checkpoints") == ["0000003.pt"]
+
+
+def test_train_resume_from_a_checkpoint_outside_an_experiment_starts_a_new_one(tmp_path):
+    root = pixel_run(tmp_path, "--max-steps", "2")
+    shutil.copy(root / "000-DiT-S-8" / "checkpoints" / "0000002.pt", tmp_path / "kept.pt")
+    pixel_run(tmp_path, "--max-steps", "3", "--resume", str(tmp_path / "kept.pt"),
+              data=str(tmp_path / "data"))
+    assert os.listdir(root / "001-DiT-S-8" / "checkpoints") == ["0000003.pt"]
+    assert "Resuming from" in open(root / "001-DiT-S-8" / "log.txt").read()
+
+
+def test_train_failed_save_removes_its_file_and_says_how_much_space(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def disk_full(obj, path, **kwargs):
+        if str(path).endswith(".tmp") and "0000002" in str(path):
+            open(path, "wb").write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as e:
+        pixel_run(tmp_path, "--max-steps", "3", "--ckpt-every", "1")
+    assert "could not save" in str(e.value) and "No space left on device" in str(e.value)
+    assert "it needs about 1 MiB: free some space, then --resume" in str(e.value)
+    assert os.listdir(tmp_path / "r" / "000-DiT-S-8" / "checkpoints") == ["0000001.pt"]
+
+
+def test_train_symlink_loop_lists_each_image_once(tmp_path):
+    data = write_images(tmp_path / "data", per_class=(2, 2))
+    os.symlink("..", os.path.join(data, "class_0", "up"))
+    os.symlink(os.path.join(data, "class_0"), os.path.join(data, "class_1", "again"))
+    classes, samples = train.find_images(data)
+    assert classes == ["class_0", "class_1"] and len(samples) == 4
+    assert [label for _, label in samples] == [0, 0, 1, 1]
+
+
+def test_train_sixteen_bit_images_are_not_white(tmp_path):
+    os.makedirs(tmp_path / "c")
+    ramp = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    Image.fromarray(ramp).save(tmp_path / "c" / "a.png")
+    assert Image.open(tmp_path / "c" / "a.png").mode.startswith("I")
+    arr = train.read_image(str(tmp_path / "c" / "a.png"), 16)
+    assert arr.shape == (16, 16, 3) and arr.min() == 0 and arr.max() == 255
+    # scaled to 8 bits (not clipped: convert("RGB") alone makes it all white)
+    assert np.abs(arr[..., 0] - ramp / 257).max() <= 0.5 + 1e-9
+    assert (arr[..., 0] == arr[..., 2]).all()
+
+
+def test_train_ema_decay_zero_is_the_live_model_and_metrics_jsonl(tmp_path):
+    root = pixel_run(tmp_path, "--max-steps", "3", "--ema-decay", "0", "--log-every", "2")
+    ckpt = load(root / "000-DiT-S-8" / "checkpoints" / "0000003.pt")
+    assert all(torch.equal(ckpt["ema"][k], v) for k, v in ckpt["model"].items())
+    assert ckpt["config"] == dit.DiT(**ckpt["config"]).config
+    lines = [json.loads(line) for line in open(root / "000-DiT-S-8" / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == [2, 3]
+    assert set(lines[0]) == {"step", "loss", "mse", "vb", "steps_per_sec", "img_per_sec"}
+    log = [line for line in open(root / "000-DiT-S-8" / "log.txt") if "(step=" in line]
+    assert len(log) == len(lines)
+    assert f"loss {lines[0]['loss']:.4f}" in log[0]
+
+
+@pytest.mark.slow
+def test_train_inception_metrics_while_training_torchrun(tmp_path, fid_weights_file):
+    """2 processes: FID at steps 2 and 3 (the end) equals fid.py on the same images, and the
+    weights equal those of the same run without --fid-every."""
+    data = write_images(tmp_path / "data", per_class=(4, 4))
+    ref = tmp_path / "ref"
+    os.makedirs(ref)
+    for i in range(4):
+        pixels = np.random.default_rng(i).integers(0, 256, (16, 16, 3), np.uint8)
+        Image.fromarray(pixels).save(ref / f"{i}.png")
+    common = [*PIXEL, "--data-path", data, "--max-steps", "3", "--ckpt-every", "1"]
+    fid_flags = ["--fid-every", "2", "--fid-ref", str(ref), "--fid-num-samples", "3",
+                 "--fid-steps", "2", "--fid-inception", str(fid_weights_file)]
+    run_torchrun_many([[*common, "--results-dir", "a", *fid_flags],
+                       [*common, "--results-dir", "b"]], cwd=tmp_path)
+    exp = tmp_path / "a" / "000-DiT-S-8"
+    metrics = [json.loads(line) for line in open(exp / "metrics.jsonl")]
+    scores = [m for m in metrics if "fid" in m]
+    assert [m["step"] for m in scores] == [2, 3]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+    with_fid = load(exp / "checkpoints" / "0000003.pt")
+    without = load(tmp_path / "b" / "000-DiT-S-8" / "checkpoints" / "0000003.pt")
+    for part in ("model", "ema"):
+        assert all(torch.equal(v, without[part][k]) for k, v in with_fid[part].items())
+    # the same images again, through fid.py
+    args = train.parse_args([*common, *fid_flags])
+    ema = dit.DiT(**with_fid["config"]).eval()
+    ema.load_state_dict(with_fid["ema"])
+    cpu = torch.device("cpu")
+    images = torch.cat([x for rank in range(2)
+                        for x, _ in train.fid_images(ema, None, args, rank, 2, cpu)])
+    inception = fid.load_inception(str(fid_weights_file))
+    pool3, _, logits = fid.compute_features(images[:3], inception)
+    (mu, sigma), _, _ = fid.reference(str(ref), inception, 50)
+    expected = fid.frechet_distance(*fid.statistics(pool3), mu, sigma)
+    assert scores[-1]["fid"] == pytest.approx(expected, rel=1e-6)
+    assert scores[-1]["is"] == pytest.approx(fid.inception_score(logits), rel=1e-6)
+
+#################################################################################
+#                                     fid.py                                    #
+#################################################################################
+
+# sha256 of "key<TAB>shape" lines of pt_inception-2015-12-05 (shared/golden/inception_keys.txt),
+# 566 entries
+INCEPTION_KEYS_SHA256 = "e22ace644c9f030d9793411454945147d47bff1a80d8339955d5867176d77687"
+
+
 def fid_images(n, size, seed):
-    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+def fid_psd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def fid_write_folder(path, x):
+    os.makedirs(path, exist_ok=True)
+    for i, im in enumerate(x.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(im).save(os.path.join(path, f"{i:03d}.png"))
+    return path
+
+
+def fid_batches(source, batch_size=2):
+    n, it = fid.image_batches(source, batch_size)
+    out = torch.cat(list(it))
+    assert len(out) == n
+    return out
+
+
+def write_npz(path, n):
+    np.savez(path, fid_images(n, 8, n).permute(0, 2, 3, 1).numpy())
+    return path
+
+
+def write_stats(path, **change):
+    stats = {"mu": np.zeros(3), "sigma": np.eye(3), "mu_s": np.zeros(2), "sigma_s": np.eye(2),
+             **change}
+    np.savez(path, **{k: v for k, v in stats.items() if v is not None})
+    return path
 
 
 def test_fid_inception_keys_match_official_file():
@@ -802,7 +1297,7 @@ def test_fid_inception_keys_match_official_file():
 
 @pytest.mark.parametrize("size", ["64", "256", "299"])
 def test_fid_golden_features(fid_inception, size):
-    golden = json.load(open(os.path.join(FID_HERE, "golden.json")))["inception"]
+    golden = GOLDEN["inception"]
     assert golden["weights_seed"] == 0
     case = golden["cases"][size]
     with torch.no_grad():
@@ -823,11 +1318,15 @@ def test_fid_load_inception_from_file_folds_batchnorm(fid_inception, fid_weights
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
-def test_fid_inception_rejects_non_uint8(fid_inception):
-    with pytest.raises(ValueError, match="uint8"):
-        fid_inception(torch.rand(1, 3, 64, 64))
-    with pytest.raises(ValueError, match=r"\(N, 3, H, W\) in tensors"):
-        fid_inception(torch.zeros(1, 1, 64, 64, dtype=torch.uint8))
+@pytest.mark.parametrize("case, message", [
+    ("float", "uint8"),
+    ("one-channel", r"\(N, 3, H, W\) in tensors"),
+], ids=["float", "one-channel"])
+def test_fid_inception_rejects_bad_tensors(fid_inception, case, message):
+    x = {"float": torch.rand(1, 3, 64, 64),
+         "one-channel": torch.zeros(1, 1, 64, 64, dtype=torch.uint8)}[case]
+    with pytest.raises(ValueError, match=message):
+        fid_inception(x)
 
 
 def test_fid_tf1_resize_identity_at_299():
@@ -837,12 +1336,14 @@ def test_fid_tf1_resize_identity_at_299():
 
 def test_fid_tf1_resize_hand_computed():
     x = torch.tensor([[0.0, 30.0], [60.0, 90.0]]).view(1, 1, 2, 2)
-    # sources 0, 2/3, 4/3; the last clamps to pixel 1 (no half-pixel offset, unlike align_corners=False)
+    # sources 0, 2/3, 4/3; the last clamps to pixel 1 (no half-pixel offset, unlike
+    # align_corners=False)
     expected = torch.tensor([[0.0, 20.0, 30.0], [40.0, 60.0, 70.0], [60.0, 80.0, 90.0]])
     torch.testing.assert_close(fid.tf1_resize(x, size=3)[0, 0], expected)
     # downscaling by 2 picks every other pixel: TF-1 does not average (aliasing)
     y = torch.arange(16.0).view(1, 1, 4, 4)
-    torch.testing.assert_close(fid.tf1_resize(y, size=2)[0, 0], torch.tensor([[0.0, 2.0], [8.0, 10.0]]))
+    expected = torch.tensor([[0.0, 2.0], [8.0, 10.0]])
+    torch.testing.assert_close(fid.tf1_resize(y, size=2)[0, 0], expected)
 
 
 def test_fid_of_a_set_with_itself_is_zero():
@@ -853,14 +1354,9 @@ def test_fid_of_a_set_with_itself_is_zero():
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
 
 
-def _fid_psd(rng, d):
-    a = rng.normal(size=(d, d))
-    return a @ a.T / d + 0.1 * np.eye(d)
-
-
 def test_fid_matches_closed_form_on_gaussians():
     rng = np.random.default_rng(1)
-    mu1, mu2, s1, s2 = rng.normal(size=8), rng.normal(size=8), _fid_psd(rng, 8), _fid_psd(rng, 8)
+    mu1, mu2, s1, s2 = rng.normal(size=8), rng.normal(size=8), fid_psd(rng, 8), fid_psd(rng, 8)
     # independent form: tr((S1 S2)^1/2) = tr((S1^1/2 S2 S1^1/2)^1/2), a symmetric eigenproblem
     w, v = np.linalg.eigh(s1)
     r1 = v @ np.diag(np.sqrt(w)) @ v.T
@@ -868,17 +1364,21 @@ def test_fid_matches_closed_form_on_gaussians():
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
     assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
     # 1-D: (m1 - m2)^2 + (sd1 - sd2)^2
-    one_d = fid.frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]]))
+    one_d = fid.frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]),
+                                 np.array([[9.0]]))
     assert one_d == pytest.approx(5.0)
 
 
 def test_fid_singular_fallback_adds_eps(monkeypatch):
     rng = np.random.default_rng(2)
-    mu, s1, s2 = np.zeros(4), _fid_psd(rng, 4), _fid_psd(rng, 4)
+    mu, s1, s2 = np.zeros(4), fid_psd(rng, 4), fid_psd(rng, 4)
     real_sqrtm, calls = fid.linalg.sqrtm, []
-    def flaky_sqrtm(a):  # the first call fails as for a singular product
+
+    def flaky_sqrtm(a):
+        # the first call fails as for a singular product
         calls.append(a)
         return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+
     monkeypatch.setattr(fid.linalg, "sqrtm", flaky_sqrtm)
     got = fid.frechet_distance(mu, s1, mu, s2, eps=1e-3)
     np.testing.assert_allclose(calls[1], (s1 + 1e-3 * np.eye(4)) @ (s2 + 1e-3 * np.eye(4)))
@@ -892,6 +1392,25 @@ def test_fid_rejects_mismatched_statistics():
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
+@pytest.mark.parametrize("which", ["mu1", "sigma1", "mu2", "sigma2"])
+def test_fid_frechet_distance_refuses_nan_and_inf(which):
+    stats = {"mu1": np.zeros(4), "sigma1": np.eye(4), "mu2": np.ones(4), "sigma2": np.eye(4)}
+    stats[which] = stats[which].copy()
+    stats[which].flat[1] = np.nan if which.startswith("mu") else np.inf
+    with pytest.raises(ValueError) as e:
+        fid.frechet_distance(**stats)
+    assert str(e.value) == (f"{which} holds NaN or inf; FID needs the statistics of 2 or more "
+                            "finite feature vectors per set")
+
+
+def test_fid_one_image_fails_at_once():
+    with pytest.raises(ValueError) as e:
+        fid.statistics(np.ones((1, 2048), np.float32))
+    assert str(e.value) == "FID needs at least 2 images per set, got 1"
+    mu, sigma = fid.statistics(np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert np.array_equal(mu, [1.5, 2.5, 3.5]) and np.array_equal(sigma, np.full((3, 3), 4.5))
+
+
 def test_fid_inception_score_definition():
     assert fid.inception_score(np.zeros((20, 1008), np.float32)) == pytest.approx(1.0, abs=1e-12)
     # confident predictions spread evenly over 5 classes -> IS 5; all one class -> IS 1
@@ -899,7 +1418,8 @@ def test_fid_inception_score_definition():
     one = 1000 * np.eye(1008, dtype=np.float32)[np.zeros(10, int)]
     assert fid.inception_score(five) == pytest.approx(5.0, rel=1e-9)
     # ordered splits of split_size: mean over splits of per-split scores
-    assert fid.inception_score(np.concatenate([five, one]), split_size=10) == pytest.approx(3.0, rel=1e-9)
+    both = np.concatenate([five, one])
+    assert fid.inception_score(both, split_size=10) == pytest.approx(3.0, rel=1e-9)
     # against the formula on random logits
     logits = np.random.default_rng(3).normal(size=(30, 1008)) * 3
     p = np.exp(logits - logits.max(1, keepdims=True))
@@ -916,7 +1436,8 @@ def test_fid_distances_are_float16_like_the_evaluator():
 
 
 def test_fid_radii_are_kth_neighbour_squared_distances():
-    x = torch.arange(10.0).view(-1, 1)  # points 0..9 on a line
+    # points 0..9 on a line
+    x = torch.arange(10.0).view(-1, 1)
     radii = fid._radii(x, k=3, rows=4)
     # 3rd neighbour (self excluded), squared: 0 -> 3, 1 -> 3 (0, 2, 3), 4 -> 2 (3, 5, 2), 9 -> 6
     torch.testing.assert_close(radii[[0, 1, 4, 9]], torch.tensor([9.0, 4.0, 4.0, 9.0]))
@@ -926,8 +1447,9 @@ def test_fid_radii_are_kth_neighbour_squared_distances():
 def test_fid_precision_recall_on_clusters():
     rng = np.random.default_rng(4)
     a, b, c = (rng.normal(size=(100, 8)) + off for off in (0.0, 50.0, -50.0))
-    # reference = clusters A and B; samples = A exactly and a far cluster C
-    precision, recall = fid.precision_recall(np.concatenate([a, b]), np.concatenate([a, c]), rows=64)
+    # reference = clusters A and B; the generated set = A exactly and a far cluster C
+    precision, recall = fid.precision_recall(np.concatenate([a, b]), np.concatenate([a, c]),
+                                             rows=64)
     assert (precision, recall) == (0.5, 0.5)
     assert fid.precision_recall(a, a) == (1.0, 1.0)
     with pytest.raises(ValueError, match="at least 4"):
@@ -935,29 +1457,20 @@ def test_fid_precision_recall_on_clusters():
 
 
 def test_fid_precision_recall_matches_brute_force():
-    rng = np.random.default_rng(5)  # small integers: squared distances are exact in float16
+    # small integers: squared distances are exact in float16
+    rng = np.random.default_rng(5)
     ref = rng.integers(0, 6, size=(60, 4)).astype(np.float32)
-    sample = rng.integers(1, 7, size=(50, 4)).astype(np.float32)
-    d = lambda u, v: ((u[:, None].astype(np.float64) - v[None]) ** 2).sum(-1)
-    r_ref, r_sample = np.sort(d(ref, ref), 1)[:, 3], np.sort(d(sample, sample), 1)[:, 3]
-    precision = np.mean((d(sample, ref) <= r_ref[None]).any(1))
-    recall = np.mean((d(ref, sample) <= r_sample[None]).any(1))
+    gen = rng.integers(1, 7, size=(50, 4)).astype(np.float32)
+
+    def d(u, v):
+        return ((u[:, None].astype(np.float64) - v[None]) ** 2).sum(-1)
+
+    r_ref, r_gen = np.sort(d(ref, ref), 1)[:, 3], np.sort(d(gen, gen), 1)[:, 3]
+    precision = np.mean((d(gen, ref) <= r_ref[None]).any(1))
+    recall = np.mean((d(ref, gen) <= r_gen[None]).any(1))
     assert 0 < precision < 1 and 0 < recall < 1
-    assert fid.precision_recall(ref, sample, rows=7) == (pytest.approx(precision), pytest.approx(recall))
-
-
-def _fid_write_folder(path, x):
-    os.makedirs(path, exist_ok=True)
-    for i, im in enumerate(x.permute(0, 2, 3, 1).numpy()):
-        Image.fromarray(im).save(os.path.join(path, f"{i:03d}.png"))
-    return path
-
-
-def _fid_batches(source, batch_size=2):
-    n, it = fid.image_batches(source, batch_size)
-    out = torch.cat(list(it))
-    assert len(out) == n
-    return out
+    expected = (pytest.approx(precision), pytest.approx(recall))
+    assert fid.precision_recall(ref, gen, rows=7) == expected
 
 
 def test_fid_npz_folder_array_tensor_give_the_same_images(tmp_path):
@@ -965,638 +1478,1839 @@ def test_fid_npz_folder_array_tensor_give_the_same_images(tmp_path):
     nhwc = x.permute(0, 2, 3, 1).numpy()
     np.savez(tmp_path / "a.npz", nhwc)
     np.savez_compressed(tmp_path / "c.npz", nhwc)
-    folder = _fid_write_folder(str(tmp_path / "imgs"), x)
+    folder = fid_write_folder(str(tmp_path / "imgs"), x)
     for source in (str(tmp_path / "a.npz"), tmp_path / "c.npz", folder, nhwc, x):
-        assert torch.equal(_fid_batches(source), x)
+        assert torch.equal(fid_batches(source), x)
 
 
 def test_fid_npz_and_tensor_give_the_same_features(fid_inception, tmp_path):
     x = fid_images(2, 32, 10)
     np.savez(tmp_path / "s.npz", x.permute(0, 2, 3, 1).numpy())
-    pool3, spatial, logits = fid.compute_features(str(tmp_path / "s.npz"), fid_inception, batch_size=1)
+    features = fid.compute_features(str(tmp_path / "s.npz"), fid_inception, batch_size=1)
     with torch.no_grad():
         expected = fid_inception(x)
-    for a, b in zip((pool3, spatial, logits), expected):
+    for a, b in zip(features, expected):
         assert isinstance(a, np.ndarray) and a.dtype == np.float32
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
-def test_fid_grayscale_files_become_rgb_arrays_must_be_rgb(tmp_path):
+def test_fid_grayscale_files_become_rgb(tmp_path):
     gray = fid_images(2, 16, 11)[:, :1]
     for i, im in enumerate(gray[:, 0].numpy()):
         Image.fromarray(im, mode="L").save(tmp_path / f"{i}.png")
-    assert torch.equal(_fid_batches(str(tmp_path)), gray.expand(-1, 3, -1, -1))
-    for x in (gray, gray.permute(0, 2, 3, 1).numpy(), gray[:, 0].numpy()):
-        with pytest.raises(ValueError, match="repeat to 3 channels"):
-            fid.image_batches(x)
+    assert torch.equal(fid_batches(str(tmp_path)), gray.expand(-1, 3, -1, -1))
 
 
-def test_fid_bad_inputs_fail_clearly(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no images"):
-        fid.image_batches(str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match="uint8"):
-        fid.image_batches(np.zeros((2, 8, 8, 3), np.float32))
-    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
-        fid.image_batches(np.zeros((2, 8, 8, 5), np.uint8))
-    with pytest.raises(ValueError, match="uint8"):
+@pytest.mark.parametrize("layout", ["tensor-n1hw", "array-nhw1", "array-nhw"])
+def test_fid_gray_arrays_must_be_rgb(layout):
+    gray = fid_images(2, 16, 11)[:, :1]
+    x = {"tensor-n1hw": gray, "array-nhw1": gray.permute(0, 2, 3, 1).numpy(),
+         "array-nhw": gray[:, 0].numpy()}[layout]
+    with pytest.raises(ValueError, match="repeat to 3 channels"):
+        fid.image_batches(x)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty-folder", "no images"),
+    ("float-array", "uint8"),
+    ("five-channels", r"\(N, H, W, 3\)"),
+    ("float-npz", "uint8"),
+    ("npz-without-arr_0", "arr_0"),
+    ("missing-npz", "expected an existing .npz"),
+    ("mixed-sizes", "same size"),
+    ("broken-png", "001.png is not a readable image"),
+], ids=["empty-folder", "float-array", "five-channels", "float-npz", "npz-without-arr_0",
+        "missing-npz", "mixed-sizes", "broken-png"])
+def test_fid_bad_inputs_fail_clearly(tmp_path, case, message):
+    if case == "empty-folder":
+        (tmp_path / "empty").mkdir()
+        source = str(tmp_path / "empty")
+    elif case == "float-array":
+        source = np.zeros((2, 8, 8, 3), np.float32)
+    elif case == "five-channels":
+        source = np.zeros((2, 8, 8, 5), np.uint8)
+    elif case == "float-npz":
         np.savez(tmp_path / "f.npz", np.zeros((2, 8, 8, 3), np.float32))
-        fid.image_batches(str(tmp_path / "f.npz"))
-    with pytest.raises(ValueError, match="arr_0"):
+        source = str(tmp_path / "f.npz")
+    elif case == "npz-without-arr_0":
         np.savez(tmp_path / "k.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
-        fid.image_batches(str(tmp_path / "k.npz"))
-    with pytest.raises(ValueError, match="expected an existing .npz"):
-        fid.image_batches(str(tmp_path / "missing.npz"))
-    mixed = _fid_write_folder(str(tmp_path / "mixed"), fid_images(2, 8, 0))
-    Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(os.path.join(mixed, "002.png"))
-    with pytest.raises(ValueError, match="same size"):
-        _fid_batches(mixed)
-    broken = _fid_write_folder(str(tmp_path / "broken"), fid_images(1, 8, 0))
-    open(os.path.join(broken, "001.png"), "wb").write(b"not a png")
-    with pytest.raises(ValueError, match="001.png is not a readable image"):
-        _fid_batches(broken)
+        source = str(tmp_path / "k.npz")
+    elif case == "missing-npz":
+        source = str(tmp_path / "missing.npz")
+    elif case == "mixed-sizes":
+        source = fid_write_folder(str(tmp_path / "mixed"), fid_images(2, 8, 0))
+        Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(os.path.join(source, "002.png"))
+    else:
+        source = fid_write_folder(str(tmp_path / "broken"), fid_images(1, 8, 0))
+        open(os.path.join(source, "001.png"), "wb").write(b"not a png")
+    with pytest.raises(ValueError, match=message):
+        fid_batches(source)
 
 
-def test_fid_download_checks_sha256_and_loads(http_server, fid_weights_file, fid_inception, tmp_path):
-    root, url, _ = http_server
-    data = open(fid_weights_file, "rb").read()
-    (root / "w.pth").write_bytes(data)
-    dest = str(tmp_path / "cache" / "w.pth")
-    with pytest.raises(RuntimeError, match="sha256"):
-        fid.download(f"{url}/w.pth", "0" * 64, dest)
-    assert os.listdir(tmp_path / "cache") == []  # nothing half-written is left behind
-    assert fid.download(f"{url}/w.pth", hashlib.sha256(data).hexdigest(), dest) == dest
-    assert open(dest, "rb").read() == data
-    model = fid.load_inception(dest)  # same bytes as fid_weights_file, whose outputs are checked above
-    torch.testing.assert_close(model.fc.weight, fid_inception.fc.weight, rtol=0, atol=0)
+def test_fid_batch_size_must_be_positive():
+    with pytest.raises(ValueError) as e:
+        fid.image_batches(fid_images(2, 8, 0), 0)
+    assert str(e.value) == "batch size must be a positive integer, got 0"
+
+
+def test_fid_compute_features_prints_progress(capfd):
+    class Fake(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return tuple(torch.zeros(len(x), d) for d in (2048, 2023, 1008))
+
+    pool, spatial, logits = fid.compute_features(fid_images(5, 8, 0), Fake(), batch_size=2)
+    assert pool.shape == (5, 2048) and spatial.shape == (5, 2023) and logits.shape == (5, 1008)
+    err = capfd.readouterr().err
+    lines = [line.split(",")[0] for line in err.split("\r")[1:]]
+    assert lines == [f"inception features {i}/5" for i in (2, 4, 5)]
+    assert err.endswith(" \n")
+
+
+def test_fid_progress_line(monkeypatch, capsys):
+    monkeypatch.setattr(fid.time, "time", lambda: 100.0)
+    fid.progress("sampling step", 12, 50, 100.0 - 12 / 3.1)
+    fid.progress("downloading x", 335.0, 335.0, 90.0, " MB")
+    assert capsys.readouterr().err == ("\rsampling step 12/50, 3.10/s, ETA 0:00:12 "
+                                       "\rdownloading x 335/335 MB, 33.50 MB/s, ETA 0:00:00 \n")
+
+
+def viewer_rgb(gray=None, rgb=None, alpha=None):
+    """The expected 8-bit RGB, computed here: gray or rgb in [0, 255] floats, alpha in [0, 1],
+    over white."""
+    x = np.repeat(gray[..., None], 3, -1) if gray is not None else rgb.astype(np.float64)
+    a = np.ones(x.shape[:2] + (1,)) if alpha is None else alpha[..., None]
+    return x * a + 255 * (1 - a)
+
+
+U16 = np.array([[0, 1, 128, 257, 32767], [32768, 40000, 65279, 65534, 65535]], np.uint16)
+U8 = np.random.default_rng(7).integers(0, 256, (2, 5, 3), dtype=np.uint8)
+ALPHA = np.array([[0, 255, 128, 1, 254], [255, 0, 64, 200, 255]], np.uint8)
+U16_AS_RGB = np.round(viewer_rgb(gray=U16 / 257)).astype(np.uint8)
+
+
+def mode_case(mode):
+    """(PIL image of that mode, expected RGB uint8 array or None for "as convert('RGB')")."""
+    if mode in ("I;16", "I;16B"):
+        raw = U16.astype(">u2" if mode == "I;16B" else "<u2").tobytes()
+        return Image.frombytes(mode, (5, 2), raw), U16_AS_RGB
+    if mode == "I":
+        return Image.fromarray(U16.astype(np.int32)), U16_AS_RGB
+    if mode == "RGBA":
+        return Image.fromarray(np.dstack([U8, ALPHA])), None
+    if mode == "LA":
+        return Image.fromarray(np.dstack([U8[..., 0], ALPHA]), "LA"), None
+    if mode in ("P", "P_transparency"):
+        im = Image.fromarray(U8).quantize(4)
+        if mode == "P_transparency":
+            im.info["transparency"] = 1
+        return im, None
+    if mode == "CMYK":
+        return Image.fromarray(np.dstack([U8, U8[..., :1]])[..., :4], "CMYK"), None
+    return Image.fromarray(U8 if mode == "RGB" else U8[..., 0]).convert(mode), None
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I", "RGBA", "LA", "P", "P_transparency", "CMYK",
+                                  "L", "RGB", "1"])
+def test_fid_to_rgb_is_what_a_viewer_shows(mode):
+    im, expected = mode_case(mode)
+    out = fid.to_rgb(im)
+    assert out.mode == "RGB" and out.size == (5, 2)
+    got = np.asarray(out)
+    if expected is not None:
+        assert np.array_equal(got, expected)
+    elif mode in ("RGBA", "LA", "P_transparency"):
+        rgba = np.asarray(im.convert("RGBA")).astype(np.float64)
+        want = viewer_rgb(rgb=rgba[..., :3], alpha=rgba[..., 3] / 255)
+        # Pillow's alpha_composite rounds in integers: within 1 of the exact blend
+        assert np.abs(got - want).max() <= 1
+        opaque, clear = rgba[..., 3] == 255, rgba[..., 3] == 0
+        assert np.array_equal(got[opaque], rgba[..., :3][opaque].astype(np.uint8))
+        assert (got[clear] == 255).all()
+    else:
+        # plain 8-bit images: exactly what the official loaders' convert("RGB") gives
+        assert np.array_equal(got, np.asarray(im.convert("RGB")))
+
+
+def test_fid_folder_reads_16_bit_palette_and_alpha_pngs(tmp_path):
+    ims = [mode_case(m)[0] for m in ("I;16", "RGBA", "P_transparency", "LA", "L")]
+    for i, im in enumerate(ims):
+        im.save(tmp_path / f"{i}.png", **({"transparency": 1} if im.mode == "P" else {}))
+    x = torch.cat(list(fid.image_batches(str(tmp_path), 2)[1]))
+    assert x.shape == (5, 3, 2, 5) and x.dtype == torch.uint8
+    # 16-bit gray scaled, not white; a transparent pixel white; the files round-trip through
+    # to_rgb
+    assert x[0, 0].tolist() == np.round(U16 / 257).astype(int).tolist()
+    assert x[1, :, 0, 0].tolist() == [255, 255, 255]
+    for i in range(5):
+        expected = np.asarray(fid.to_rgb(Image.open(tmp_path / f"{i}.png")))
+        assert np.array_equal(x[i].permute(1, 2, 0).numpy(), expected)
+
+
+@pytest.mark.parametrize("case", ["mu_nan", "sigma_inf", "mu_s_nan", "sigma_s_minus_inf", "mu_text",
+                                  "no_mu_s", "no_sigma", "mu_only"])
+def test_fid_reference_refuses_bad_statistics(tmp_path, case):
+    not_finite = ("{p}: {key} is not finite floats (NaN, inf or {dtype}); compute the statistics "
+                  "again: fid.py REF --save-stats NPZ")
+    missing = "{p} has statistics without {keys}; write all four with fid.py REF --save-stats NPZ"
+    change, message = {
+        "mu_nan": ({"mu": np.array([0.0, np.nan, 0.0])},
+                   not_finite.format(p="{p}", key="mu", dtype="float64")),
+        "sigma_inf": ({"sigma": np.full((3, 3), np.inf)},
+                      not_finite.format(p="{p}", key="sigma", dtype="float64")),
+        "mu_s_nan": ({"mu_s": np.array([np.nan, 0.0])},
+                     not_finite.format(p="{p}", key="mu_s", dtype="float64")),
+        "sigma_s_minus_inf": ({"sigma_s": -np.full((2, 2), np.inf)},
+                              not_finite.format(p="{p}", key="sigma_s", dtype="float64")),
+        "mu_text": ({"mu": np.array(["a", "b", "c"])},
+                    not_finite.format(p="{p}", key="mu", dtype="<U1")),
+        "no_mu_s": ({"mu_s": None}, missing.format(p="{p}", keys="mu_s")),
+        "no_sigma": ({"sigma": None}, missing.format(p="{p}", keys="sigma")),
+        "mu_only": ({"sigma": None, "mu_s": None, "sigma_s": None},
+                    missing.format(p="{p}", keys="sigma, mu_s, sigma_s")),
+    }[case]
+    p = write_stats(tmp_path / "ref.npz", **change)
+    with pytest.raises(ValueError) as e:
+        fid.reference(str(p), None, 2)
+    assert str(e.value) == message.format(p=p)
+
+
+@pytest.mark.parametrize("case", ["truncated", "random_bytes", "empty", "bad_crc"])
+def test_fid_corrupt_npz_is_named(tmp_path, case):
+    p = tmp_path / "ref.npz"
+    np.savez(p, fid_images(3, 8, 0).permute(0, 2, 3, 1).numpy())
+    blob = p.read_bytes()
+    if case == "truncated":
+        p.write_bytes(blob[:len(blob) // 2])
+    elif case == "random_bytes":
+        p.write_bytes(np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes())
+    elif case == "empty":
+        p.write_bytes(b"")
+    else:
+        # one image byte flipped: the zip's CRC check fails at the end of arr_0
+        i = blob.index(b"arr_0.npy") + 200
+        p.write_bytes(blob[:i] + bytes([blob[i] ^ 0xFF]) + blob[i + 1:])
+    start = f"{p} is not a readable .npz file (truncated or corrupt: "
+    end = "); write or download it again"
+    if case != "bad_crc":
+        with pytest.raises(ValueError) as e:
+            fid.reference(str(p), None, 2)
+        assert str(e.value).startswith(start) and str(e.value).endswith(end)
+    with pytest.raises(ValueError) as e:
+        n, batches = fid.image_batches(str(p), 2)
+        list(batches)
+    assert str(e.value).startswith(start) and str(e.value).endswith(end)
+
+
+@pytest.mark.parametrize("case", ["empty", "random_bytes", "truncated", "runs_code",
+                                  "another_model", "a_tensor", "wrong_shapes"])
+def test_fid_inception_bad_weights_file_is_named(tmp_path, case):
+    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    marker = tmp_path / "code_ran"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "random_bytes":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    elif case == "truncated":
+        torch.save({"fc.weight": torch.zeros(1008, 2048)}, path)
+        path.write_bytes(path.read_bytes()[:100_000])
+    elif case == "runs_code":
+        torch.save({"fc.weight": RunsCode(str(marker))}, path)
+    elif case == "another_model":
+        torch.save(tiny_vae().state_dict(), path)
+    elif case == "a_tensor":
+        torch.save(torch.zeros(3), path)
+    else:
+        torch.save({k: torch.zeros(1) for k in fid.InceptionV3().state_dict()}, path)
+    with pytest.raises(ValueError) as e:
+        fid.load_inception(str(path))
+    assert str(e.value) == (f"{path} is not pt_inception-2015-12-05-6726825d.pth (empty, "
+                            "truncated, corrupt, another model's weights or not only tensors); "
+                            "delete it or pass that file")
+    assert not marker.exists()
 
 
 def test_fid_load_inception_uses_the_cache(fid_weights_file, tmp_path, monkeypatch):
     monkeypatch.setenv("DIT_CACHE", str(tmp_path))
     monkeypatch.setenv("DIT_INCEPTION_URL", "http://127.0.0.1:9/unreachable.pth")
-    with pytest.raises(OSError, match="DIT_INCEPTION_URL"):  # nothing cached: the download is tried, and fails
+    # nothing cached: the download is tried, and fails
+    with pytest.raises(OSError, match="DIT_INCEPTION_URL"):
         fid.load_inception()
     assert os.listdir(tmp_path) == []
     os.symlink(fid_weights_file, tmp_path / os.path.basename(fid.WEIGHTS_URL))
     assert isinstance(fid.load_inception(), fid.InceptionV3)
 
 
-def test_fid_cli_prints_evaluator_lines_and_saves_stats(fid_weights_file, tmp_path, monkeypatch, capsys):
+def test_fid_inception_download_failure_says_what_to_do(tmp_path, monkeypatch):
+    url = f"{closed_port_url()}/pt_inception-2015-12-05-6726825d.pth"
+    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DIT_INCEPTION_URL", url)
+    with pytest.raises(OSError) as e:
+        fid.load_inception()
+    path = tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth"
+    assert str(e.value) == (f"cannot download {url} ({REFUSED}); put the file at {path}, or set "
+                            "DIT_INCEPTION_URL to a mirror, or pass its path (fid.py --inception "
+                            "PATH)")
+    assert os.listdir(tmp_path) == []
+
+
+def test_fid_load_inception_downloads_into_cache_dir(fid_inception, fid_weights_file, http_server,
+                                                     tmp_path, monkeypatch):
+    data = fid_weights_file.read_bytes()
+    (http_server.root / "w.pth").write_bytes(data)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DIT_CACHE", "")
+    monkeypatch.setenv("DIT_INCEPTION_URL", f"{http_server.url}/w.pth")
+    # the file served is not the official one: the sha256 check refuses it
+    with pytest.raises(OSError, match=f'invalid hash value \\(expected "{fid.WEIGHTS_SHA256}"'):
+        fid.load_inception()
+    assert not (tmp_path / "home").exists()
+    monkeypatch.setattr(fid, "WEIGHTS_SHA256", hashlib.sha256(data).hexdigest())
+    model = fid.load_inception()
+    cached = tmp_path / "home" / ".cache" / "dit" / "pt_inception-2015-12-05-6726825d.pth"
+    assert cached.read_bytes() == data and os.listdir(cached.parent) == [cached.name]
+    assert torch.equal(model.fc.weight, fid_inception.fc.weight)
+
+
+@pytest.mark.parametrize("name", ["cache_dir", "download"])
+def test_fid_shared_helpers_are_the_same_text_in_both_copies(name):
+    assert inspect.getsource(getattr(vae, name)) == inspect.getsource(getattr(fid, name))
+
+
+def test_fid_empty_cache_variable_means_the_default(tmp_path, monkeypatch):
+    check_empty_cache_variable_means_the_default(fid, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("case", DOWNLOAD_CASES)
+def test_fid_download_leaves_no_trace_on_failure(case, http_server, tcp_server, tmp_path):
+    check_download_leaves_no_trace_on_failure(fid, case, http_server, tcp_server, tmp_path)
+
+
+def test_fid_download_keeps_folders_it_did_not_make(tmp_path):
+    check_download_keeps_folders_it_did_not_make(fid, tmp_path)
+
+
+@pytest.mark.parametrize("case", STOPPED_TRANSFER_CASES)
+def test_fid_download_stopped_transfer(case, tcp_server, tmp_path):
+    check_download_stopped_transfer(fid, case, tcp_server, tmp_path)
+
+
+def test_fid_save_stats_writes_through_one_temp_name(tmp_path, monkeypatch):
+    target = tmp_path / "stats.npz"
+    stats = (np.zeros(2), np.eye(2)) * 2
+    check_atomic_write_uses_one_temp_name(lambda: fid.save_stats(str(target), *stats), target,
+                                          monkeypatch)
+
+
+def test_fid_cli_prints_evaluator_lines_and_saves_stats(fid_weights_file, tmp_path, monkeypatch,
+                                                        capsys):
     np.savez(tmp_path / "ref.npz", fid_images(4, 16, 1).permute(0, 2, 3, 1).numpy())
-    np.savez(tmp_path / "samples.npz", fid_images(4, 16, 2).permute(0, 2, 3, 1).numpy())
+    np.savez(tmp_path / "gen.npz", fid_images(4, 16, 2).permute(0, 2, 3, 1).numpy())
     # sqrtm of 2048 x 2048 matrices takes minutes on 2 cores: record the FID calls instead
     calls = []
-    monkeypatch.setattr(fid, "frechet_distance", lambda *a: calls.append(a) or float(len(calls)))
-    run = lambda *argv: (monkeypatch.setattr("sys.argv", ["fid.py", *map(str, argv)]), fid.main())
-    run(tmp_path / "ref.npz", tmp_path / "samples.npz", "--inception", fid_weights_file,
-        "--batch-size", 3, "--save-stats", tmp_path / "stats.npz")
-    out = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in out] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+
+    def record(*a):
+        calls.append(a)
+        return float(len(calls))
+
+    monkeypatch.setattr(fid, "frechet_distance", record)
+    code, out, _ = run_cli(fid, monkeypatch, capsys, tmp_path / "ref.npz", tmp_path / "gen.npz",
+                           "--inception", fid_weights_file, "--batch-size", 3,
+                           "--save-stats", tmp_path / "stats.npz")
+    assert code is None
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["Inception Score", "FID", "sFID",
+                                                      "Precision", "Recall"]
     stats = np.load(tmp_path / "stats.npz")
     assert sorted(stats.files) == ["mu", "mu_s", "sigma", "sigma_s"]
     assert stats["mu"].shape == (2048,) and stats["sigma_s"].shape == (2023, 2023)
     (mu, sigma, ref_mu, ref_sigma), (_, _, ref_mu_s, _) = calls
-    assert mu.shape == (2048,) and np.array_equal(ref_mu, stats["mu"]) and np.array_equal(ref_mu_s, stats["mu_s"])
-    # a statistics-only reference: its stored statistics, no fid_images for precision/recall
+    assert mu.shape == (2048,) and np.array_equal(ref_mu, stats["mu"])
+    assert np.array_equal(ref_mu_s, stats["mu_s"])
+    # a statistics-only reference: its stored statistics, no images for precision/recall
     (mu2, sigma2), (mu_s2, sigma_s2), pool3 = fid.reference(str(tmp_path / "stats.npz"), None, 2)
-    assert pool3 is None and np.array_equal(mu2, stats["mu"]) and np.array_equal(sigma_s2, stats["sigma_s"])
+    assert pool3 is None and np.array_equal(mu2, stats["mu"])
+    assert np.array_equal(sigma_s2, stats["sigma_s"])
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="no images"):
-        np.savez(tmp_path / "other.npz", x=np.zeros(3))
         fid.reference(str(tmp_path / "other.npz"), None, 2)
 
 
-#################################################################################
-#                                    train.py                                   #
-#################################################################################
-
-TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-
-
-TINY = ["--model", "DiT-S/8", "--model-kwargs", '{"depth": 2, "hidden_size": 32, "num_heads": 2}',
-        "--num-workers", "0", "--log-every", "1"]
-
-
-TINY_LATENT = '{"depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 2}'  # 8x8 latents: 16 tokens
-
-
-def write_images(root, per_class=(5, 5), flat=False, seed=0):
-    """root/class_k/i.png: random RGB images of odd sizes, or flat colours per class (a learnable set)."""
-    rng = np.random.default_rng(seed)
-    for k, n in enumerate(per_class):
-        os.makedirs(f"{root}/class_{k}", exist_ok=True)
-        for i in range(n):
-            h, w = rng.integers(16, 40, size=2)
-            if flat:
-                a = np.broadcast_to(np.array([[200, 30, 30], [30, 30, 200]][k % 2], np.uint8), (h, w, 3))
-            else:
-                a = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-            Image.fromarray(np.ascontiguousarray(a)).save(f"{root}/class_{k}/{i}.png")
-    return str(root)
-
-
-DRIVER = """
-import json, sys
-sys.path.insert(0, {repo!r})
-import torch.distributed as dist
-import train
-dist.init_process_group("gloo")  # train.main uses the caller's group: several runs in one launch
-for argv in json.load(open(sys.argv[1])):
-    train.main(argv)
-dist.destroy_process_group()
-"""
-
-
-def run_torchrun(script_and_args, cwd, nproc=2):
-    """torchrun with nproc gloo processes (1 thread each) on the CPU; returns the finished process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        *script_and_args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
-def run_torchrun_many(runs, cwd, nproc=2):
-    """train.main(argv) for each argv in runs, all in one torchrun launch (start-up is most of the time here)."""
-    with open(os.path.join(cwd, "driver.py"), "w") as f:
-        f.write(DRIVER.format(repo=os.path.dirname(TRAIN)))
-    with open(os.path.join(cwd, "runs.json"), "w") as f:
-        json.dump(runs, f)
-    return run_torchrun(["driver.py", "runs.json"], cwd, nproc)
-
-
-@pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    """2-process gloo runs: `torchrun train.py` pixel space 5 steps straight (a); then in one more launch:
-    2 steps then resumed to 5 (b), and a latent run with a tiny VAE whose cache both ranks build (c)."""
-    root = tmp_path_factory.mktemp("ddp")
-    data = write_images(root / "data", per_class=(7, 6))  # 13 images, batch 4 on 2 ranks: 3 steps per epoch
-    pixel = [*TINY, "--data-path", data, "--vae", "none", "--image-size", "16", "--num-classes", "2",
-             "--global-batch-size", "4", "--ckpt-every", "2"]
-    latent = [*TINY, "--data-path", data, "--vae", tiny_vae_dir(root / "vae"), "--image-size", "16",
-              "--num-classes", "2", "--global-batch-size", "2", "--model-kwargs", TINY_LATENT]
-    a = run_torchrun([TRAIN, *pixel, "--results-dir", "a", "--max-steps", "5"], cwd=root)
-    r = run_torchrun_many([[*pixel, "--results-dir", "b", "--max-steps", "2"],
-                      [*pixel, "--resume", "b/000-DiT-S-8", "--max-steps", "5"],
-                      [*latent, "--results-dir", "c", "--latent-cache", "cache", "--max-steps", "2"]], cwd=root)
-    return root, a.stdout + r.stdout
-
-
-def run_inline(args):
-    """train.main in this process, single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train.main(args)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def tiny_vae_dir(path):
-    """A small filled VAE (down-sampling 2, 4 latent channels) saved where --vae can load it."""
-    torch.manual_seed(0)
-    v = vae_lib.AutoencoderKL(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4)
-    vae_lib.save_vae(v, str(path))
-    return str(path)
-
-
-def test_center_crop_matches_adm():
-    """Box-halving then bicubic to the short side, centre crop: shapes and a pure-resize case."""
-    a = np.random.default_rng(0).integers(0, 256, (70, 150, 3), dtype=np.uint8)
-    out = train.center_crop_arr(Image.fromarray(a), 32)
-    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
-    half = Image.fromarray(a).resize((75, 35), resample=Image.BOX)  # 70 >= 64: halved once
-    ref = np.asarray(half.resize((round(75 * 32 / 35), 32), resample=Image.BICUBIC))
-    left = (ref.shape[1] - 32) // 2
-    np.testing.assert_array_equal(out, ref[:, left:left + 32])
-
-
-def test_epoch_order_is_distributed_sampler():
-    """Same indices as DistributedSampler(shuffle=True, seed), padded, split over ranks; flips per index."""
-    from torch.utils.data.distributed import DistributedSampler
-    data = list(range(11))
-    for rank in range(3):
-        ref = DistributedSampler(data, num_replicas=3, rank=rank, shuffle=True, seed=5)
-        ref.set_epoch(2)
-        ours = train.epoch_order(11, 2, 5, rank, 3)
-        assert [i for i, _ in ours] == list(ref)
-        assert all(f in (0, 1) for _, f in ours)
-    flips = [f for r in range(3) for _, f in train.epoch_order(11, 2, 5, r, 3)]
-    assert 0 < sum(flips) < len(flips)
-
-
-def test_ddp_resume_is_bit_identical(ddp_runs):
-    """2-process gloo DDP, pixel space: 5 steps straight == 2 steps + resume (mid-epoch) + 3 steps (crossing
-    into the next epoch): model, EMA, optimizer and every rank's RNG bit-identical."""
-    root, stdout = ddp_runs
-    assert "Resuming from" in stdout
-    straight = load(root / "a/000-DiT-S-8/checkpoints/0000005.pt")
-    resumed = load(root / "b/000-DiT-S-8/checkpoints/0000005.pt")
-    assert resumed["step"] == straight["step"] == 5 and resumed["epoch"] == straight["epoch"] == 1
-    for part in ("model", "ema"):
-        for k, v in straight[part].items():
-            assert torch.equal(v, resumed[part][k]), (part, k)
-    for p, s in straight["opt"]["state"].items():
-        for k, v in s.items():
-            assert torch.equal(v, resumed["opt"]["state"][p][k]), (p, k)
-    assert [torch.equal(a["cpu"], b["cpu"]) for a, b in zip(straight["rng"], resumed["rng"])] == [True, True]
-    assert not torch.equal(straight["rng"][0]["cpu"], straight["rng"][1]["cpu"])  # one stream per rank
-    first = load(root / "a/000-DiT-S-8/checkpoints/0000002.pt")
-    assert (first["epoch"], first["batch"]) == (0, 2)  # the resume point is inside an epoch
-    assert not torch.equal(first["ema"]["final_layer.linear.weight"], straight["ema"]["final_layer.linear.weight"])
-    assert "(step=0000005)" in open(root / "b/000-DiT-S-8/log.txt").read()  # the log goes on in the same folder
-
-
-def test_checkpoint_layout_logging_samples_and_find_model(tmp_path):
-    """Official layout and keys, weights_only loading, dit.find_model, --keep-last, log lines, sample grid."""
-    data = write_images(tmp_path / "data")
-    run_inline([*TINY, "--data-path", data, "--results-dir", str(tmp_path / "results"), "--vae", "none",
-                "--image-size", "16", "--num-classes", "1", "--global-batch-size", "2", "--max-steps", "3",
-                "--ckpt-every", "1", "--keep-last", "2", "--sample-every", "3"])
-    exp = tmp_path / "results/000-DiT-S-8"
-    assert sorted(os.listdir(exp / "checkpoints")) == ["0000002.pt", "0000003.pt"]
-    ckpt = load(exp / "checkpoints/0000003.pt")
-    assert {"model", "ema", "opt", "args"} <= set(ckpt) and isinstance(ckpt["args"], dict)
-    assert ckpt["args"]["model"] == "DiT-S/8" and ckpt["step"] == 3
-    sd = dit.find_model(str(exp / "checkpoints/0000003.pt"))
-    assert all(torch.equal(sd[k], v) for k, v in ckpt["ema"].items())
-    model = dit.DiT(input_size=16, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=1)
-    model.load_state_dict(sd)
-    log = open(exp / "log.txt").read()
-    assert "(step=0000003) loss" in log and "steps/s" in log and "img/s" in log and "Saved checkpoint" in log
-    grid = Image.open(exp / "samples/0000003.png")
-    assert grid.size == (64, 64) and grid.mode == "RGB"
-
-
-def test_loss_goes_down_on_a_learnable_set(tmp_path):
-    """Flat colour per class: the tiny pixel DiT's loss falls several-fold within 60 steps."""
-    data = write_images(tmp_path / "data", per_class=(8, 8), flat=True)
-    run_inline([*TINY, "--model-kwargs", '{"depth": 2, "hidden_size": 32, "num_heads": 2, "patch_size": 2}',
-                "--data-path", data, "--results-dir", str(tmp_path / "r"), "--vae", "none", "--image-size", "8",
-                "--num-classes", "2", "--global-batch-size", "16", "--max-steps", "60", "--lr", "2e-3",
-                "--log-every", "10", "--ckpt-every", "1000"])
-    lines = [l for l in open(tmp_path / "r/000-DiT-S-8/log.txt") if "(step=" in l]
-    losses = [float(l.split("loss ")[1].split(",")[0]) for l in lines]
-    assert len(losses) == 6 and losses[-1] < 0.3 * losses[0], losses
-
-
-def test_latent_cache_ddp_and_same_inputs(ddp_runs):
-    """Latent path with a tiny VAE: 2 ranks built the cache (mean and std of every image and its mirror) and
-    trained from it; a cached draw equals vae.encode(x).sample() under the same random state."""
-    root, stdout = ddp_runs
-    assert "Wrote latent cache" in stdout and not os.path.exists(root / "cache.tmp")
-    ckpt = load(root / "c/000-DiT-S-8/checkpoints/0000002.pt")
-    assert ckpt["model"]["x_embedder.proj.weight"].shape[1] == 4  # latent channels
-    vae = vae_lib.load_vae(str(root / "vae"))
-    _, samples = train.find_images(str(root / "data"))
-    images, cache = train.ImageFolder(samples, 16), train.LatentCache(str(root / "cache"))
-    assert list(cache.labels) == [0] * 7 + [1] * 6
-    for i in range(13):  # rows written by both ranks
-        for flip in (0, 1):
-            x, y = images[(i, flip)]
-            cached, label = cache[(i, flip)]
-            posterior = vae.encode(x[None])
-            assert label == y and cached.shape == (2, 4, 8, 8)
-            torch.testing.assert_close(cached[0], posterior.mean[0], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(cached[1], posterior.std[0], rtol=1e-5, atol=1e-6)
-            torch.manual_seed(i)
-            direct = train.to_latent(x[None], vae, cached=False)
-            torch.manual_seed(i)
-            from_cache = train.to_latent(cached[None], vae, cached=True)
-            torch.testing.assert_close(from_cache, direct, rtol=1e-5, atol=1e-5)
-    # the cache is reused, and refused for other settings; the on-the-fly VAE path trains and samples too
-    common = [*TINY, "--data-path", str(root / "data"), "--vae", str(root / "vae"), "--image-size", "16",
-              "--num-classes", "2", "--global-batch-size", "2", "--model-kwargs", TINY_LATENT,
-              "--results-dir", str(root / "d"), "--max-steps", "1"]
-    run_inline([*common, "--latent-cache", str(root / "cache")])
-    with pytest.raises(SystemExit, match="latent-cache .* holds other images or settings"):
-        run_inline([*common, "--latent-cache", str(root / "cache"), "--image-size", "32"])
-    run_inline([*common, "--sample-every", "1"])
-    assert Image.open(root / "d/001-DiT-S-8/samples/0000001.png").size == (64, 64)
-
-
-def test_bf16_and_fp16_steps_run(tmp_path):
-    """Mixed precision paths (bf16 autocast; fp16 with a grad scaler that is saved for resume)."""
-    data = write_images(tmp_path / "data")
-    common = [*TINY, "--data-path", data, "--results-dir", str(tmp_path / "r"), "--vae", "none",
-              "--image-size", "16", "--num-classes", "2", "--global-batch-size", "2", "--max-steps", "2"]
-    run_inline([*common, "--precision", "bf16"])
-    run_inline([*common, "--precision", "fp16", "--grad-checkpointing"])
-    ckpt = load(tmp_path / "r/001-DiT-S-8/checkpoints/0000002.pt")
-    assert ckpt["scaler"]["scale"] > 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    """A NaN loss at step 3 stops the run with a message naming the last good checkpoint; none is written after."""
-    data = write_images(tmp_path / "data")
-    real = train.create_diffusion
-
-    def nan_at_step_3(*a, **k):
-        d, calls = real(*a, **k), [0]
-        losses = d.training_losses
-
-        def poisoned(*args, **kwargs):
-            out = losses(*args, **kwargs)
-            calls[0] += 1
-            return {k: v * float("nan") for k, v in out.items()} if calls[0] == 3 else out
-        d.training_losses = poisoned
-        return d
-    monkeypatch.setattr(train, "create_diffusion", nan_at_step_3)
-    with pytest.raises(SystemExit, match=r"NaN/inf at step 4 or before; last good checkpoint: .*0000002.pt"):
-        run_inline([*TINY, "--data-path", data, "--results-dir", str(tmp_path / "r"), "--vae", "none",
-                    "--image-size", "16", "--num-classes", "2", "--global-batch-size", "2", "--max-steps", "6",
-                    "--ckpt-every", "2", "--log-every", "4"])
-    assert os.listdir(tmp_path / "r/000-DiT-S-8/checkpoints") == ["0000002.pt"]
-
-
-def test_bad_inputs_fail_before_compute(tmp_path):
-    """Clear errors for: batch not divisible by the world size, missing/empty/class-less data, an image size
-    the VAE or patch can't take, too few --num-classes, and --resume of another model's checkpoint."""
-    data = write_images(tmp_path / "data")
-    base = [*TINY, "--results-dir", str(tmp_path / "r"), "--vae", "none", "--num-classes", "2",
-            "--global-batch-size", "2", "--max-steps", "1"]
-    args = train.parse_args([*base, "--data-path", data, "--image-size", "16", "--global-batch-size", "3"])
-    with pytest.raises(SystemExit, match="--global-batch-size 3 is not divisible by the 2 processes"):
-        train.train(args, rank=0, world_size=2, device=torch.device("cpu"))
-    os.makedirs(tmp_path / "empty/cls")
-    cases = [(["--data-path", str(tmp_path / "nope"), "--image-size", "16"], "is not a directory"),
-             (["--data-path", str(tmp_path / "empty/cls"), "--image-size", "16"], "with class sub-folders"),
-             (["--data-path", str(tmp_path / "empty"), "--image-size", "16"], "has no images"),
-             (["--data-path", data, "--image-size", "20"], "--image-size 20 is not a multiple of 8"),
-             (["--data-path", data, "--image-size", "16", "--latent-cache", "x"], "--latent-cache needs a VAE"),
-             (["--data-path", data, "--image-size", "16", "--model-kwargs", "depth=2"], "must be a JSON object")]
-    for extra, message in cases:
-        with pytest.raises(SystemExit, match=message):
-            run_inline([*base, *extra])
-    write_images(tmp_path / "three", per_class=(2, 2, 2))
-    with pytest.raises(SystemExit, match="3 class folders but --num-classes is 2"):
-        run_inline([*base, "--data-path", str(tmp_path / "three"), "--image-size", "16"])
-    vae_dir = tiny_vae_dir(tmp_path / "vae")
-    with pytest.raises(SystemExit, match=r"--image-size 12 is not a multiple of 16 \(VAE down-sampling 2"):
-        run_inline([*base, "--data-path", data, "--image-size", "12", "--vae", vae_dir])
-    assert not os.path.exists(tmp_path / "r")  # nothing was created by the failed runs
-    run_inline([*base, "--data-path", data, "--image-size", "16"])
-    exp = str(tmp_path / "r/000-DiT-S-8")
-    with pytest.raises(SystemExit, match="was trained with --model-kwargs"):
-        run_inline([*base, "--data-path", data, "--image-size", "16", "--resume", exp,
-                    "--model-kwargs", '{"depth": 3, "hidden_size": 32, "num_heads": 2}'])
-    with pytest.raises(SystemExit, match="was trained with --image-size 16, not 32"):
-        run_inline([*base, "--data-path", data, "--image-size", "32", "--resume", exp])
-    torch.save({"model": {}, "ema": {}}, tmp_path / "official.pt")
-    with pytest.raises(SystemExit, match="not a checkpoint written by this train.py"):
-        run_inline([*base, "--data-path", data, "--image-size", "16", "--resume", str(tmp_path / "official.pt")])
-
-
-def test_corrupt_image_is_named_and_skipped(tmp_path, capsys):
-    """An unreadable file is reported by name on stderr and replaced by the next image; never a crash."""
-    data = write_images(tmp_path / "data", per_class=(2, 2))
-    with open(tmp_path / "data/class_0/0.png", "wb") as f:
-        f.write(b"not a png")
-    _, samples = train.find_images(data)
-    x, y = train.ImageFolder(samples, 16)[(0, 1)]
-    err = capsys.readouterr().err
-    assert f"skipping unreadable image {samples[0][0]}" in err and samples[0][0].endswith("class_0/0.png")
-    ref, _ = train.ImageFolder(samples, 16)[(1, 1)]
-    assert torch.equal(x, ref) and y == 0 and x.shape == (3, 16, 16)
-
-
-#################################################################################
-#                                   sample.py                                   #
-#################################################################################
-
-SAMPLE_TINY = dict(depth=2, hidden_size=64, num_heads=2, patch_size=8)  # fast on 2 cores
-
-
-SAMPLE_TINY_ARGS = ["--model", "DiT-S/8", "--model-kwargs", '{"depth": 2, "hidden_size": 64, "num_heads": 2}']
-
-
-SAMPLE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
-
-
-def sample_fill_(module, seed, scale=1.0):
-    """Deterministic weights (the golden README fill, 2-D weights scaled): every output depends on every layer."""
-    g = torch.Generator().manual_seed(seed)
-    sd = module.state_dict()
-    for name in sorted(sd):
-        t = sd[name]
-        if not t.is_floating_point():
-            continue
-        r = torch.randn(t.shape, generator=g, dtype=torch.float64)
-        if t.dim() >= 2:
-            r = r * (2 / (t.numel() // t.shape[0])) ** 0.5 * scale
-        else:
-            r = 1 + 0.1 * r if name.endswith("weight") else 0.1 * r
-        t.copy_(r)
-    return {k: v.clone() for k, v in sd.items()}
-
-
-def sample_grid_reference(x, nrow=4, pad=2):
-    """torchvision save_image(x, nrow=4, normalize=True, value_range=(-1, 1)) pixels, written in numpy float32."""
-    x = np.clip(x.astype(np.float32), -1, 1)
-    x = (x - np.float32(-1)) / np.float32(2)
-    x = np.clip(x * np.float32(255) + np.float32(0.5), 0, 255).astype(np.uint8)
-    n, c, h, w = x.shape
-    cols = min(nrow, n)
-    rows = -(-n // cols)
-    g = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
-    for i in range(n):
-        top, left = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
-        g[top:top + h, left:left + w] = x[i].transpose(1, 2, 0)
-    return g
-
-
-def sample_png(path):
-    return np.asarray(Image.open(path))
-
-
-@pytest.fixture(scope="module")
-def sample_files(tmp_path_factory):
-    """Local checkpoints: raw and train.py-style latent DiT (32x32 images), pixel-space DiT, tiny VAE dir."""
-    root = tmp_path_factory.mktemp("sample_files")
-    out = {}
-    sd = sample_fill_(dit.DiT(input_size=16, num_classes=1000, **SAMPLE_TINY), seed=1, scale=0.5)
-    out["raw"] = str(root / "raw.pt")
-    torch.save(sd, out["raw"])
-    out["train"] = str(root / "train.pt")  # train.py layout: sampling must use "ema", not "model"
-    torch.save({"model": {k: torch.zeros_like(v) for k, v in sd.items()}, "ema": sd, "opt": {}}, out["train"])
-    out["pixel"] = str(root / "pixel.pt")
-    pixel = dit.DiT(input_size=16, in_channels=3, num_classes=10, **SAMPLE_TINY)
-    torch.save(sample_fill_(pixel, seed=2, scale=0.5), out["pixel"])
-    v = vae.AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)  # downsamples 2x
-    sample_fill_(v, seed=3)
-    out["vae"] = str(root / "vae")
-    vae.save_vae(v, out["vae"])
-    return out
-
-
-def sample_latent_args(files, out, *extra):
-    return [*SAMPLE_TINY_ARGS, "--ckpt", files["train"], "--vae", files["vae"], "--image-size", "32",
-            "--num-sampling-steps", "4", "--out", str(out), *extra]
-
-
-# sha256 of the pixels torchvision 0.29's save_image(x, nrow=4, normalize=True, value_range=(-1, 1)) writes for
-# x = randn((n, 3, 6, 7), seed n) * 1.5 (computed once with torchvision; it is not a dependency).
-TORCHVISION_GRID_SHA256 = {5: "227e872104a061968cb0c271f0dc6fb5da3996b90e403a1a2b5d3b91240be46d",
-                           8: "f8ca214d4be3d88a91e877ae163caf8f351f7be78752338fe677012621686ee3"}
-
-
-@pytest.mark.parametrize("n", [5, 8])
-def test_sample_grid_matches_torchvision_save_image(n):
-    x = torch.randn((n, 3, 6, 7), generator=torch.Generator().manual_seed(n), dtype=torch.float64).float() * 1.5
-    grid = sample.make_grid(x)
-    assert grid.shape == (2 * (6 + 2) + 2, 4 * (7 + 2) + 2, 3) and grid.dtype == np.uint8
-    assert hashlib.sha256(grid.tobytes()).hexdigest() == TORCHVISION_GRID_SHA256[n]
-    assert np.array_equal(grid, sample_grid_reference(x.numpy()))  # the test's own reference agrees too
-
-
-SAMPLE_DDIM = ["--sampler", "ddim", "--cfg-all-channels", "--labels", "3", "999", "0", "5", "7"]
-
-
-@pytest.mark.parametrize("extra", [[], SAMPLE_DDIM], ids=["ddpm", "ddim-all-channels-5-labels"])
-def test_sample_matches_reference_from_dit_diffusion_vae(sample_files, tmp_path, extra):
-    out = tmp_path / "grid.png"
-    sample.main(sample_latent_args(sample_files, out, "--seed", "3", *extra))
-    ddim = bool(extra)
-    labels = [3, 999, 0, 5, 7] if ddim else SAMPLE_LABELS
-    # The official sample.py, written with dit.py, diffusion.py and vae.py. Its VAE loader (diffusers'
-    # from_pretrained) draws no random numbers, so loading ours before seeding is the same program.
-    v = vae.load_vae(sample_files["vae"])
-    torch.manual_seed(3)
-    model = dit.DiT(input_size=16, num_classes=1000, **SAMPLE_TINY)  # init draws from the CPU generator, as official
-    model.load_state_dict(torch.load(sample_files["raw"], weights_only=True))
-    model.eval()
-    d = diffusion.create_diffusion("ddim4" if ddim else "4")
-    z = torch.randn(len(labels), 4, 16, 16)
-    y = torch.tensor(labels)
-    z = torch.cat([z, z], 0)
-    y = torch.cat([y, torch.tensor([1000] * len(labels))], 0)
-    kwargs = dict(y=y, cfg_scale=4.0, cfg_channels=None if ddim else 3)
-    loop = d.ddim_sample_loop if ddim else d.p_sample_loop
-    with torch.no_grad():
-        x = loop(model.forward_with_cfg, z.shape, z, clip_denoised=False, model_kwargs=kwargs, device="cpu")
-        x, _ = x.chunk(2, dim=0)
-        images = v.decode(x / 0.18215).numpy()
-    expected = sample_grid_reference(images)
-    got = sample_png(out)
-    assert got.shape == (2 * (32 + 2) + 2, 4 * (32 + 2) + 2, 3)
-    assert 0.05 < (images.clip(-1, 1) == images).mean() and images.std() > 0.1  # not saturated, not flat
-    assert np.array_equal(got, expected)
-
-
-def test_sample_same_seed_same_image(sample_files, tmp_path):
-    def run(name, *extra):
-        sample.main(sample_latent_args(sample_files, tmp_path / name, "--labels", "1", "2", *extra))
-        return (tmp_path / name).read_bytes()
-
-    assert run("a.png") == run("b.png")
-    assert run("c.png", "--seed", "1") != run("a.png")
-    bf16 = run("d.png", "--precision", "bf16")
-    assert bf16 == run("e.png", "--precision", "bf16")
-    diff = np.abs(sample_png(tmp_path / "d.png").astype(int) - sample_png(tmp_path / "a.png").astype(int))
-    assert 0 < diff.mean() < 8  # bf16 rounding changes pixels a little, not the picture
-
-
-@pytest.mark.parametrize("change, message", [
-    (["--model", "DiT-Q/2"], "unknown --model"),
-    (["--model-kwargs", "{}"], "does not fit"),                 # checkpoint for another model (DiT-S/8)
-    (["--model-kwargs", '{"dept": 2}'], "unexpected keyword"),
-    (["--model-kwargs", "[2]"], "not a JSON object"),
-    (["--image-size", "64"], "does not fit"),                   # checkpoint for another image size
-    (["--vae", "none", "--image-size", "16"], "does not fit"),  # latent checkpoint, pixel space asked
-    (["--image-size", "36"], "not a multiple of 8"),
-    (["--labels", "5", "1000"], "out of range"),
-    (["--num-classes", "100"], "out of range"),                 # official labels need 1000 classes
-    (["--ckpt", "missing.pt"], "is not a file"),
-])
-def test_sample_bad_input_fails_before_sampling(sample_files, tmp_path, capsys, change, message):
-    with pytest.raises(SystemExit) as e:
-        sample.main(sample_latent_args(sample_files, tmp_path / "x.png", *change))  # the last of a repeated flag wins
-    assert message in str(e.value)
-    assert not (tmp_path / "x.png").exists() and "sampling step" not in capsys.readouterr().err
-
-
-def test_sample_download_requires_official_model():
-    with pytest.raises(SystemExit, match="only DiT-XL/2"):
-        sample.main([*SAMPLE_TINY_ARGS, "--image-size", "32"])
-
-
-def sample_pixel_fid_args(out, n, *extra):
-    return [*SAMPLE_TINY_ARGS, "--vae", "none", "--image-size", "16", "--num-classes", "10",
-            "--num-sampling-steps", "3", "--per-proc-batch-size", "2", "--num-fid-samples", str(n),
-            "--out", str(out), *extra]
-
-
-def test_sample_fid_resume_equals_uninterrupted_run(sample_files, tmp_path):
-    fresh, resumed = tmp_path / "fresh.npz", tmp_path / "resumed.npz"
-    sample.main(sample_pixel_fid_args(fresh, 5, "--ckpt", sample_files["pixel"]))
-    sample.main(sample_pixel_fid_args(resumed, 2, "--ckpt", sample_files["pixel"]))  # "interrupted" after one batch
-    first = os.stat(tmp_path / "resumed_parts" / "rank000-batch000000.npz").st_mtime_ns
-    sample.main(sample_pixel_fid_args(resumed, 5, "--ckpt", sample_files["pixel"]))
-    assert os.stat(tmp_path / "resumed_parts" / "rank000-batch000000.npz").st_mtime_ns == first  # not redone
-    a, b = np.load(fresh)["arr_0"], np.load(resumed)["arr_0"]
-    assert a.shape == (5, 16, 16, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
-    assert len({x.tobytes() for x in a}) == 5 and a.std() > 10
-    with pytest.raises(SystemExit, match="cfg_scale"):  # finished batches of other options are never mixed in
-        sample.main(sample_pixel_fid_args(resumed, 5, "--ckpt", sample_files["pixel"], "--cfg-scale", "2"))
-
-
-def test_sample_fid_two_processes_torchrun_and_resume(sample_files, tmp_path):
-    out = tmp_path / "fid.npz"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-
-    def torchrun(n):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(HERE, "sample.py"),
-               *sample_latent_args(sample_files, out, "--num-fid-samples", str(n), "--per-proc-batch-size", "2",
-                                   "--cfg-scale", "1.5")]
-        r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout + r.stderr
-        return np.load(out)["arr_0"]
-
-    first = torchrun(3)  # 2 ranks x 1 batch of 2, the last image dropped
-    parts = tmp_path / "fid_parts"
-    shards = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.npz")}
-    assert sorted(shards) == ["rank000-batch000000.npz", "rank001-batch000000.npz"]
-    assert first.shape == (3, 32, 32, 3) and first.dtype == np.uint8
-    full = torchrun(7)  # continues: one more batch per rank
-    assert all(os.stat(parts / name).st_mtime_ns == t for name, t in shards.items())  # finished batches kept
-    assert len(list(parts.glob("*.npz"))) == 4
-    assert full.shape == (7, 32, 32, 3) and np.array_equal(full[:3], first)
-    assert len({x.tobytes() for x in full}) == 7  # ranks drew different noise
-    # image b * 4 + i * 2 + r comes from rank r's batch b, row i (the official sample_ddp.py numbering)
-    assert np.array_equal(full[5], np.load(parts / "rank001-batch000001.npz")["images"][0])
-    labels = np.concatenate([np.load(p)["labels"] for p in sorted(parts.glob("*.npz"))])
-    assert labels.min() >= 0 and labels.max() < 1000
-
-
-def test_sample_default_download_from_local_servers(sample_files, tmp_path, monkeypatch, http_server):
-    # Stand-ins: the official DiT-XL/2 is the tiny model (so its checkpoint is small), the SD VAE a tiny one
-    # that downsamples 8x, both served over HTTP from 127.0.0.1 as the two real hosts would.
-    monkeypatch.setitem(dit.DiT_models, "DiT-XL/2", lambda **kw: dit.DiT(**SAMPLE_TINY, **kw))
-    root, url, requests = http_server
-    (root / "dit").mkdir(parents=True)
-    torch.save(sample_fill_(dit.DiT(input_size=32, num_classes=1000, **SAMPLE_TINY), seed=4, scale=0.5),
-               root / "dit" / "DiT-XL-2-256x256.pt")
-    v = vae.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
-    sample_fill_(v, seed=5)
-    vae.save_vae(v, root / "stabilityai" / "sd-vae-ft-mse" / "resolve" / "main")
-    monkeypatch.setenv("DIT_WEIGHTS_URL", url + "/dit")
-    monkeypatch.setenv("HF_ENDPOINT", url)
+FID_CLI_CASES = ["ref_missing", "generated_missing", "ref_not_npz", "batch_size_0",
+                 "batch_size_negative", "device_bogus", "device_cuda", "inception_missing",
+                 "save_stats_folder_missing", "nothing_to_do", "one_generated", "three_generated",
+                 "one_ref_image_save_stats", "nan_stats", "corrupt_ref", "ref_without_images"]
+
+
+@pytest.mark.parametrize("case", FID_CLI_CASES)
+def test_fid_cli_bad_input_fails_before_loading_weights(tmp_path, monkeypatch, capsys, case):
+    # any attempt to load the weights would fail differently: nothing cached, no server
     monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    args = ["--num-sampling-steps", "2", "--labels", "1", "2"]
-    sample.main(args + ["--out", str(tmp_path / "a.png")])  # everything else default: DiT-XL/2, 256, mse
-    assert "/dit/DiT-XL-2-256x256.pt" in requests
-    assert "/stabilityai/sd-vae-ft-mse/resolve/main/config.json" in requests
-    served = len(requests)
-    assert sample_png(tmp_path / "a.png").shape == (256 + 4, 2 * 256 + 6, 3)
-    sample.main(args + ["--out", str(tmp_path / "b.png")])
-    assert len(requests) == served  # the second run reads the caches
-    sample.main(args + ["--out", str(tmp_path / "c.png"), "--ckpt", str(root / "dit" / "DiT-XL-2-256x256.pt"),
-                        "--vae", str(root / "stabilityai" / "sd-vae-ft-mse" / "resolve" / "main")])
-    assert np.array_equal(sample_png(tmp_path / "a.png"), sample_png(tmp_path / "b.png"))
-    assert np.array_equal(sample_png(tmp_path / "a.png"), sample_png(tmp_path / "c.png"))
+    monkeypatch.setenv("DIT_INCEPTION_URL", closed_port_url() + "/w.pth")
+    ref = write_npz(tmp_path / "ref.npz", 5)
+    gen = write_npz(tmp_path / "samples.npz", 5)
+    args = [ref, gen]
+    if case in ("ref_missing", "generated_missing", "ref_not_npz"):
+        missing = tmp_path / {"ref_missing": "nope.npz", "generated_missing": "nope",
+                              "ref_not_npz": "ref.txt"}[case]
+        if case == "ref_not_npz":
+            missing.write_text("x")
+        args = [ref, missing] if case == "generated_missing" else [missing, gen]
+        message = (f"{missing}: expected an existing .npz file (arr_0: uint8 (N, H, W, 3)) or a "
+                   "folder of images")
+    elif case in ("batch_size_0", "batch_size_negative"):
+        size = 0 if case == "batch_size_0" else -3
+        args += ["--batch-size", size]
+        message = f"batch size must be a positive integer, got {size}"
+    elif case in ("device_bogus", "device_cuda"):
+        device = "bogus" if case == "device_bogus" else "cuda:0"
+        if device == "cuda:0" and torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        # torch's own reason: the device types it knows, or that it has no CUDA
+        with pytest.raises((RuntimeError, AssertionError)) as reason:
+            torch.empty(0, device=device)
+        args += ["--device", device]
+        message = f"--device {device} is not usable ({reason.value}); pass --device cpu"
+    elif case == "inception_missing":
+        args += ["--inception", tmp_path / "w.pth"]
+        message = (f"--inception {tmp_path / 'w.pth'}: no such file; leave it out to download the "
+                   "weights")
+    elif case == "save_stats_folder_missing":
+        args += ["--save-stats", tmp_path / "no" / "stats.npz"]
+        message = f"--save-stats {tmp_path / 'no' / 'stats.npz'}: its folder does not exist"
+    elif case == "nothing_to_do":
+        args = [ref]
+        message = "give SAMPLES to evaluate against REF, or --save-stats NPZ"
+    elif case in ("one_generated", "three_generated"):
+        n = 1 if case == "one_generated" else 3
+        write_npz(gen, n)
+        message = (f"{gen} has {n} image(s); FID needs at least 2 per set, precision and recall 4 "
+                   "(the paper's numbers: 50,000)")
+    elif case == "one_ref_image_save_stats":
+        write_npz(ref, 1)
+        args = [ref, "--save-stats", tmp_path / "stats.npz"]
+        message = (f"{ref} has 1 image(s); FID needs at least 2 per set, precision and recall 4 "
+                   "(the paper's numbers: 50,000)")
+    elif case == "nan_stats":
+        write_stats(ref, mu=np.array([np.nan, 0.0, 0.0]))
+        message = (f"{ref}: mu is not finite floats (NaN, inf or float64); compute the statistics "
+                   "again: fid.py REF --save-stats NPZ")
+    elif case == "corrupt_ref":
+        ref.write_bytes(ref.read_bytes()[:100])
+        message = (f"{ref} is not a readable .npz file (truncated or corrupt: File is not a zip "
+                   "file); write or download it again")
+    else:
+        np.savez(ref, x=np.zeros(3))
+        message = (f"{ref} has no images (arr_0), only ['x']; ADM .npz files hold uint8 images "
+                   "(N, H, W, 3) as arr_0: np.savez(path, images)")
+    code, out, err = run_cli(fid, monkeypatch, capsys, *args)
+    assert code == f"fid.py: error: {message}"
+    assert (out, err) == ("", "")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "stats.npz").exists()
+
+
+def test_fid_cli_stats_only_reference_needs_two_images_not_four(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
+    url = closed_port_url() + "/w.pth"
+    monkeypatch.setenv("DIT_INCEPTION_URL", url)
+    ref = write_stats(tmp_path / "stats.npz")
+    gen = write_npz(tmp_path / "samples.npz", 2)
+    # the checks pass: the weights are what fails here
+    code, out, _ = run_cli(fid, monkeypatch, capsys, ref, gen)
+    path = tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth"
+    assert code == (f"fid.py: error: cannot download {url} ({REFUSED}); put the file at {path}, "
+                    "or set DIT_INCEPTION_URL to a mirror, or pass its path (fid.py --inception "
+                    "PATH)")
+    assert out == ""
+
+
+def test_fid_cli_error_in_a_real_process_is_one_line(tmp_path):
+    r = run_script("fid.py", tmp_path / "ref.npz", tmp_path / "s.npz")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == (f"fid.py: error: {tmp_path / 'ref.npz'}: expected an existing .npz file "
+                        "(arr_0: uint8 (N, H, W, 3)) or a folder of images\n")
+
+
+def test_fid_cli_help_shows_every_default(monkeypatch, capsys):
+    code, out, _ = run_cli(fid, monkeypatch, capsys, "--help")
+    text = " ".join(out.split())
+    assert code == 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for flag, default in (("--batch-size", "50"), ("--device", device), ("--inception", "None"),
+                          ("--save-stats", "None")):
+        assert flag in text
+        assert f"(default: {default})" in text.split(flag)[-1].split(" --")[0]
+
+#################################################################################
+#                                    dit.py                                     #
+#################################################################################
+
+def tiny_dit(**kwargs):
+    return dit.DiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4,
+                   num_classes=10, **kwargs)
+
+
+def test_dit_state_dict_matches_official_names_and_shapes():
+    model, g = golden_dit()
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == g["state_dict_keys"]
+    # same order too
+    assert list(model.state_dict()) == list(g["state_dict_keys"])
+
+
+def test_dit_forward_matches_official():
+    model, g = golden_dit()
+    x = randn(g["x_shape"], g["x_seed"])
+    with torch.no_grad():
+        out = model(x, torch.tensor(g["t"]), torch.tensor(g["y"]))
+    assert_summary(out, g["forward"])
+
+
+def test_dit_forward_with_cfg_matches_official():
+    model, g = golden_dit()
+    c = g["cfg"]
+    x = randn(g["x_shape"], g["x_seed"])[:1].repeat(2, 1, 1, 1)
+    t, y = torch.tensor(c["t"]), torch.tensor(c["y"])
+    with torch.no_grad():
+        out = model.forward_with_cfg(x, t, y, c["cfg_scale"])
+        plain = model(x, t, y)
+        all_channels = model.forward_with_cfg(x, t, y, 4.0, cfg_channels=None)
+    assert_summary(out, c["forward_with_cfg"])
+    # Guiding all channels: every epsilon channel is guided, the variance channels pass through.
+    guided = plain[1] + 4.0 * (plain[0] - plain[1])
+    assert torch.allclose(all_channels[0, :4], guided[:4], atol=1e-5)
+    assert torch.allclose(all_channels[1, :4], guided[:4], atol=1e-5)
+    assert torch.allclose(all_channels[:, 4:], plain[:, 4:])
+    # official default: the 4th channel is not guided
+    assert torch.allclose(out[:, 3:4], plain[:, 3:4])
+
+
+OFFICIAL_INIT = {"sum": 3461.3478871532316, "abs_sum": 647357.651059503,
+                 "next_randn": [0.2871421277523041, -0.43598416447639465, 0.8889198303222656]}
+
+
+def test_dit_init_consumes_rng_like_official():
+    # Computed with the official models.py (timm 1.0, torch 2.14): torch.manual_seed(0), then
+    # DiT_models["DiT-S/2"](input_size=8, num_classes=10), then torch.randn(3).
+    torch.manual_seed(0)
+    model = dit.DiT_models["DiT-S/2"](input_size=8, num_classes=10)
+    sd = model.state_dict()
+    total = sum(v.double().sum().item() for v in sd.values())
+    abs_total = sum(v.double().abs().sum().item() for v in sd.values())
+    assert total == pytest.approx(OFFICIAL_INIT["sum"], rel=1e-12)
+    assert abs_total == pytest.approx(OFFICIAL_INIT["abs_sum"], rel=1e-12)
+    assert torch.randn(3).tolist() == pytest.approx(OFFICIAL_INIT["next_randn"], abs=1e-7)
+
+
+def test_dit_bf16_autocast_matches_fp32():
+    # Training under CPU autocast runs the attention as plain matmuls (faster backward), sampling
+    # through SDPA: both must be the same function as fp32.
+    model, g = golden_dit()
+    x, t, y = randn(g["x_shape"], g["x_seed"]), torch.tensor(g["t"]), torch.tensor(g["y"])
+    with torch.no_grad():
+        ref = model(x, t, y)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16):
+            out = model(x, t, y).float().detach()
+        assert (out - ref).norm() / ref.norm() < 0.02
+
+
+# Table 4 of the paper, 256x256 images
+PAPER_GFLOPS = {
+    "DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06, "DiT-B/8": 1.42, "DiT-B/4": 5.56,
+    "DiT-B/2": 23.01, "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71, "DiT-XL/8": 7.39,
+    "DiT-XL/4": 29.05, "DiT-XL/2": 118.64}
+
+
+def test_dit_gflops_reproduce_paper_table():
+    for name, ref in PAPER_GFLOPS.items():
+        with torch.device("meta"):
+            model = dit.DiT_models[name]()
+        assert model.gflops() == pytest.approx(ref, rel=0.01), name
+    for block, ref in [("in-context", 119.4), ("cross-attention", 137.6), ("adaLN", 118.6),
+                       ("adaLN-Zero", 118.6)]:
+        with torch.device("meta"):
+            model = dit.DiT_models["DiT-XL/2"](block=block)
+        assert model.gflops() == pytest.approx(ref, rel=0.01), block
+
+
+def test_dit_adaln_zero_blocks_are_identity_at_init():
+    torch.manual_seed(0)
+    model = dit.DiT_models["DiT-S/4"](input_size=8, num_classes=10)
+    x, c = torch.randn(2, 4, 384), torch.randn(2, 384)
+    for block in model.blocks:
+        assert torch.equal(block(x, c), x)
+    out = model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([3, 4]))
+    assert torch.equal(out, torch.zeros(2, 8, 8, 8))
+
+
+@pytest.mark.parametrize("block", dit.BLOCKS)
+def test_dit_every_block_design_learns(block):
+    torch.manual_seed(0)
+    model = tiny_dit(block=block)
+    x, t, y = torch.randn(4, 4, 8, 8), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
+    model.eval()
+    before = model(x, t, y).detach()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = create_diffusion("").training_losses(model, x, t, dict(y=y))["loss"].mean()
+    loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+    opt.step()
+    model.eval()
+    after = model(x, t, y).detach()
+    assert after.shape == (4, 8, 8, 8) and not torch.allclose(before, after)
+    assert model.gflops() > 0
+
+
+def test_dit_grad_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = tiny_dit(class_dropout_prob=0)
+    # leave the zero init so that gradients flow everywhere
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 700]), torch.tensor([1, 2])
+    grads = []
+    for flag in (False, True):
+        model.grad_checkpointing = flag
+        model.zero_grad()
+        model(x, t, y).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_dit_create_dit_overrides_a_preset():
+    with torch.device("meta"):
+        model = dit.create_dit("DiT-S/4", depth=3, input_size=8, block="adaLN")
+    assert model.config["depth"] == 3 and model.config["hidden_size"] == 384
+    assert model.config["patch_size"] == 4 and model.block == "adaLN"
+
+
+@pytest.mark.parametrize("model, overrides, message", [
+    pytest.param("DiT-S/4", {"dept": 3}, "DiT has no argument dept; it takes input_size, ",
+                 id="unknown-argument"),
+    pytest.param("DiT-Q/2", {}, "unknown model 'DiT-Q/2'; choose one of DiT-XL/2",
+                 id="unknown-model"),
+    pytest.param("DiT-S/4", {"num_heads": 5}, "hidden_size 384 is not divisible by num_heads 5",
+                 id="heads"),
+])
+def test_dit_create_dit_names_bad_arguments(model, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        dit.create_dit(model, **overrides)
+
+
+def test_dit_config_rebuilds_the_model():
+    torch.manual_seed(0)
+    model = dit.create_dit("DiT-S/8", input_size=16, depth=2, class_dropout_prob=0.0,
+                           block="in-context")
+    again = dit.DiT(**model.config)
+    again.load_state_dict(model.state_dict())
+    assert again.config == model.config
+
+
+def test_dit_cfg_interval_guides_only_inside_lo_hi():
+    torch.manual_seed(0)
+    model = dit.DiT(input_size=8, patch_size=4, hidden_size=32, depth=1, num_heads=2,
+                    num_classes=4)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    model.eval()
+    z = torch.randn(4, 4, 8, 8)
+    x = torch.cat([z, z])
+    y = torch.tensor([0, 1, 2, 3, 4, 4, 4, 4])
+    # t = lo is outside, lo + 1 and hi inside, hi + 1 outside
+    t = torch.tensor([100, 101, 600, 601] * 2)
+    with torch.no_grad():
+        guided = model.forward_with_cfg(x, t, y, 4.0, cfg_channels=None)
+        limited = model.forward_with_cfg(x, t, y, 4.0, cfg_channels=None, cfg_interval=(100, 600))
+        plain = model(x, t, y)
+    inside = torch.tensor([False, True, True, False] * 2)
+    assert torch.equal(limited[inside], guided[inside])
+    # outside the interval both halves get the conditional prediction
+    cond = plain[:4][~inside[:4], :4]
+    assert torch.equal(limited[~inside][:, :4], torch.cat([cond, cond]))
+    assert not torch.allclose(guided[~inside], limited[~inside])
+
+
+def test_dit_find_model_loads_raw_and_run_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_dit()
+    fill_(model.state_dict(), 1)
+    raw = tmp_path / "raw.pt"
+    torch.save(model.state_dict(), raw)
+    ema = {k: v + 1 for k, v in model.state_dict().items()}
+    # the official train.py layout, args as a Namespace
+    run_ckpt = tmp_path / "0000100.pt"
+    torch.save({"model": model.state_dict(), "ema": ema, "opt": {},
+                "args": argparse.Namespace(model="DiT-S/8")}, run_ckpt)
+    other = tiny_dit()
+    other.load_state_dict(dit.find_model(str(raw)))
+    pairs = zip(model.state_dict().values(), other.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)
+    other.load_state_dict(dit.find_model(str(run_ckpt)))
+    assert all(torch.equal(a, ema[k]) for k, a in other.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="no DiT checkpoint"):
+        dit.find_model(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty, truncated or not a PyTorch file"),
+    (os.urandom(2000), "empty, truncated or not a PyTorch file"),
+    ("pickled code", "holds pickled Python objects, which are never loaded"),
+    ("tensor", "holds no weights (a Tensor)"),
+], ids=["empty", "random-bytes", "pickled-code", "a-tensor"])
+def test_dit_load_checkpoint_refuses_foreign_files(tmp_path, content, message):
+    path = tmp_path / "x.pt"
+    if content == "pickled code":
+        torch.save({"a": RunsCode(str(tmp_path / "code_ran"))}, path)
+    elif content == "tensor":
+        torch.save(torch.zeros(3), path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        dit.find_model(str(path))
+    assert message in str(e.value) and "weights_only" not in str(e.value)
+
+
+def test_dit_mismatched_checkpoint_error_names_both_models():
+    with torch.device("meta"):
+        xl = dit.DiT_models["DiT-XL/2"]()
+        b = dit.DiT_models["DiT-B/2"]()
+    with pytest.raises(ValueError) as e:
+        b.load_state_dict(xl.state_dict())
+    msg = str(e.value)
+    assert "depth 28, hidden 1152" in msg and "DiT-XL/2" in msg and "you built DiT-B/2" in msg
+
+
+def test_dit_mismatch_message_says_pixels_for_pixel_models():
+    with torch.device("meta"):
+        pixel = dit.create_dit("DiT-S/4", input_size=32, in_channels=3, num_classes=10)
+        latent = dit.create_dit("DiT-S/4", input_size=32, num_classes=10)
+    with pytest.raises(ValueError) as e:
+        latent.load_state_dict(pixel.state_dict())
+    message = str(e.value)
+    assert "checkpoint has DiT-S/4 (depth 12, hidden 384, patch 4) on 32x32 pixels" in message
+    assert ("you built DiT-S/4 (depth 12, hidden 384, patch 4) on 32x32 latents (256x256 images"
+            in message)
+
+
+def test_dit_find_model_downloads_official_names_once(http_server, tmp_path, monkeypatch):
+    model = tiny_dit()
+    (http_server.root / "DiT").mkdir()
+    torch.save(model.state_dict(), http_server.root / "DiT" / "DiT-XL-2-256x256.pt")
+    monkeypatch.setenv("DIT_WEIGHTS_URL", http_server.url + "/DiT")
+    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
+    for _ in range(2):
+        sd = dit.find_model("DiT-XL-2-256x256.pt")
+        assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    # the second call reads the cache
+    assert http_server.log == ["GET /DiT/DiT-XL-2-256x256.pt"]
+    # no temp files left behind
+    assert os.listdir(tmp_path / "cache") == ["DiT-XL-2-256x256.pt"]
+    # not on the server: fails, and leaves nothing in the cache
+    with pytest.raises(Exception):
+        dit.find_model("DiT-XL-2-512x512.pt")
+    assert os.listdir(tmp_path / "cache") == ["DiT-XL-2-256x256.pt"]
+
+
+def test_dit_failed_download_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "new" / "cache"))
+    monkeypatch.setenv("DIT_WEIGHTS_URL", "http://127.0.0.1:9/nothing")
+    with pytest.raises(OSError) as e:
+        dit.find_model("DiT-XL-2-256x256.pt")
+    assert f"put the file at {tmp_path}/new/cache/DiT-XL-2-256x256.pt" in str(e.value)
+    assert "or set DIT_WEIGHTS_URL to a mirror" in str(e.value)
+    assert not os.path.exists(tmp_path / "new")
+    monkeypatch.setenv("DIT_CACHE", "")
+    assert dit.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "dit")
+
+#################################################################################
+#                                 diffusion.py                                  #
+#################################################################################
+
+def fixed_output_model(out):
+    return lambda x, t, **kwargs: out
+
+
+def toy_model(x, t):
+    tt = (t.double() / 1000).float().view(-1, 1, 1, 1)
+    return torch.cat([0.5 * torch.tanh(x) + 0.1 * tt, torch.tanh(0.3 * x - 0.2)], dim=1)
+
+
+def eps_model(x, t):
+    """A 4-channel epsilon model (no learned sigma) whose output changes with x and t."""
+    return 0.5 * torch.tanh(x) + 0.3 * torch.cos(x + t.double().view(-1, 1, 1, 1).float() / 100)
+
+
+def recording(model, calls):
+    """The model, also recording each call's (x, t) in calls."""
+    def wrapped(x, t, **kwargs):
+        calls.append((x.clone(), t.clone()))
+        return model(x, t, **kwargs)
+    return wrapped
+
+
+def test_diffusion_hybrid_losses_match_official():
+    g = GOLDEN["diffusion"]["training_losses"]
+    d = create_diffusion("")
+    x_start, noise = randn(g["shape"], g["x_start_seed"]), randn(g["shape"], g["noise_seed"])
+    out = randn([g["shape"][0], 2 * g["shape"][1]] + g["shape"][2:], g["model_output_seed"])
+    terms = d.training_losses(fixed_output_model(out), x_start, torch.tensor(g["t"]), noise=noise)
+    for key in ("mse", "vb", "loss"):
+        assert terms[key].tolist() == pytest.approx(g[key], rel=1e-5), key
+
+
+def test_diffusion_noising_and_p_mean_variance_match_official():
+    g = GOLDEN["diffusion"]
+    gl = g["training_losses"]
+    d = create_diffusion("")
+    x_start, noise = randn(gl["shape"], gl["x_start_seed"]), randn(gl["shape"], gl["noise_seed"])
+    out = randn([4, 8, 8, 8], gl["model_output_seed"])
+    t = torch.tensor(gl["t"])
+    x_t = d.q_sample(x_start, t, noise=noise)
+    assert_summary(x_t, g["q_sample"])
+    pmv = d.p_mean_variance(fixed_output_model(out), x_t, t, clip_denoised=False)
+    for key in ("mean", "log_variance", "pred_xstart"):
+        assert_summary(pmv[key], g["p_mean_variance"][key])
+
+
+@pytest.mark.parametrize("spacing", ["250", "25", "ddim50", "10,10,5"])
+def test_diffusion_respacing_matches_official(spacing):
+    g = GOLDEN["diffusion"]["respacing"][spacing]
+    d = create_diffusion(spacing)
+    assert d.timestep_map == g["timestep_map"] and d.num_timesteps == len(g["timestep_map"])
+    assert d.betas.sum().item() == pytest.approx(g["betas_sum"], rel=1e-12)
+    assert d.betas[-1].item() == pytest.approx(g["betas_last"], rel=1e-12)
+
+
+@pytest.mark.parametrize("key", ["ddpm:10", "ddim:ddim10"])
+def test_diffusion_sampling_loops_match_official(key):
+    g = GOLDEN["diffusion"]["sampling"][key]
+    sampler, spacing = key.split(":")
+    d = create_diffusion(spacing)
+    torch.manual_seed(g["torch_manual_seed"])
+    z = torch.randn(*g["shape"])
+    loop = d.p_sample_loop if sampler == "ddpm" else d.ddim_sample_loop
+    x = loop(toy_model, z.shape, noise=z, clip_denoised=True, device="cpu")
+    assert_summary(x, g["final"])
+
+
+def test_diffusion_cosine_schedule_and_fixed_variances():
+    d = create_diffusion("", noise_schedule="cosine", learn_sigma=False, sigma_small=True)
+    assert d.betas.max().item() <= 0.999 and d.var_type == "fixed_small"
+    assert d.alphas_cumprod[-1].item() < 1e-4 < d.alphas_cumprod[0].item()
+    x = torch.randn(2, 4, 4, 4)
+    terms = d.training_losses(lambda x, t: torch.zeros_like(x), x, torch.tensor([0, 999]))
+    assert set(terms) == {"loss", "mse"}
+    large = create_diffusion("10", learn_sigma=False)
+    out = large.p_mean_variance(lambda x, t: torch.zeros_like(x), x, torch.tensor([9, 9]))
+    assert torch.allclose(out["variance"], large.betas[9].float().expand_as(x))
+    kl = create_diffusion("", use_kl=True)
+    assert kl.training_losses(toy_model, x, torch.tensor([3, 900]))["loss"].shape == (2,)
+
+
+@pytest.mark.parametrize("spacing, message", [
+    ("2000", "cannot take 2000 sampling steps out of 1000 training steps; ask for at most 1000"),
+    ("ddim2000", "cannot take exactly 2000 DDIM steps out of 1000"),
+    ("0", "keeps no steps; ask for at least 1"),
+    ("ddim0", "keeps no steps"),
+    ("400,400,400", r"out of 334 training steps \(section 1 of 3\); ask for at most 334"),
+    ("abc", "bad timestep respacing 'abc'; use e.g."),
+    ("-5", "bad timestep respacing"),
+], ids=["2000", "ddim2000", "0", "ddim0", "400,400,400", "abc", "-5"])
+def test_diffusion_bad_respacing_raises_clear_error(spacing, message):
+    with pytest.raises(ValueError, match=message):
+        create_diffusion(spacing)
+
+
+# golden.json's "dpm_solver" entries, with test ids that name no other file
+DPM_GOLDEN = [pytest.param("toy_10", id="toy_10"), pytest.param("toy_20", id="toy_20"),
+              pytest.param("dit_s2_cfg_8steps", id="S2_cfg_8steps"),
+              pytest.param("dit_s2_cfg", id="S2_cfg", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("key", DPM_GOLDEN)
+def test_diffusion_dpm_solver_matches_diffusers(key):
+    g = GOLDEN["dpm_solver"][key]
+    d = create_diffusion("")
+    z = randn(g["noise_shape"], g["noise_seed"])
+    calls = []
+    if key.startswith("toy"):
+        model = recording(toy_model, calls)
+        noise = z
+        kwargs = {}
+    else:
+        # classifier-free guidance as sample.py: the batch is [z, z] with labels [y, null]
+        golden, _ = golden_dit()
+        model = recording(golden.forward_with_cfg, calls)
+        noise = torch.cat([z, z])
+        y = torch.tensor(g["labels"])
+        y = torch.cat([y, torch.full_like(y, g["num_classes"])])
+        kwargs = dict(y=y, cfg_scale=g["cfg_scale"])
+    x = d.dpm_solver_sample_loop(model, noise.shape, noise, num_steps=g["num_steps"],
+                                 model_kwargs=kwargs, device="cpu")
+    assert_sum_and_proj8(x[: len(z)], g["result"])
+    # the model is called once per step with the integer timestep, repeated over the batch
+    assert [t.tolist() for _, t in calls] == [[s] * len(noise) for s in g["timesteps"]]
+    assert all(t.dtype == torch.int64 for _, t in calls)
+
+
+def test_diffusion_dpm_solver_timesteps_are_diffusers_linspace():
+    d = create_diffusion("")
+    for g in [v for k, v in GOLDEN["dpm_solver"].items() if k != "about"]:
+        assert d.dpm_solver_timesteps(g["num_steps"]) == g["timesteps"]
+    # numpy.linspace(0, 999, n + 1).round() reversed, without 0: 499.5 rounds to even
+    assert d.dpm_solver_timesteps(1) == [999]
+    assert d.dpm_solver_timesteps(2) == [999, 500]
+    assert d.dpm_solver_timesteps(26)[:3] == [999, 961, 922]
+
+
+def test_diffusion_dpm_solver_steps_by_hand():
+    # First step: DPM-Solver-1 = DDIM; middle steps: the paper's 2M update; last step: first
+    # order to sigma = 0, i.e. the model's x0 (second order is undefined there: h is infinite).
+    d = create_diffusion("")
+    abar = d.alphas_cumprod
+    z = randn((2, 4, 4, 4), 5)
+    calls = []
+    model = recording(eps_model, calls)
+    out = d.dpm_solver_sample_loop(model, z.shape, z, num_steps=6, device="cpu")
+    xs = [x.double() for x, _ in calls] + [out.double()]
+    ts = [t[0].item() for _, t in calls]
+    eps = [eps_model(x, t).double() for x, t in calls]
+    alpha = [abar[t].sqrt().item() for t in ts]
+    sigma = [(1 - abar[t]).sqrt().item() for t in ts]
+    x0 = [(x - s * e) / a for x, e, a, s in zip(xs, eps, alpha, sigma)]
+    lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
+
+    def close(a, b):
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+    # first step: DDIM (eta 0) from ts[0] to ts[1]
+    assert close(xs[1], alpha[1] * x0[0] + sigma[1] * eps[0])
+    # middle steps (Lu et al. 2022, Algorithm 2): D = (1 + 1 / (2 r)) x0_i - 1 / (2 r) x0_{i-1}
+    for i in range(1, 5):
+        h = lam[i + 1] - lam[i]
+        r = (lam[i] - lam[i - 1]) / h
+        D = (1 + 1 / (2 * r)) * x0[i] - 1 / (2 * r) * x0[i - 1]
+        expected = sigma[i + 1] / sigma[i] * xs[i] - alpha[i + 1] * (math.exp(-h) - 1) * D
+        assert close(xs[i + 1], expected), i
+    # last step: the predicted x0 itself, nothing of the previous x0 (100x the tolerance away)
+    assert close(out.double(), x0[5])
+    assert (x0[5] - x0[4]).abs().max() > 100 * 1e-5 * x0[5].abs().max()
+
+
+def test_diffusion_dpm_solver_one_step_and_clipping():
+    d = create_diffusion("")
+    z = randn((2, 4, 4, 4), 6)
+    t = torch.full((2,), 999)
+    x0 = (z - (1 - d.alphas_cumprod[999]).sqrt().item() * toy_model(z, t)[:, :4])
+    x0 = x0 / d.alphas_cumprod[999].sqrt().item()
+    out = d.dpm_solver_sample_loop(toy_model, z.shape, z, num_steps=1, device="cpu")
+    assert torch.allclose(out, x0, rtol=1e-6, atol=1e-6 * x0.abs().max().item())
+    assert x0.abs().max() > 1
+    clipped = d.dpm_solver_sample_loop(toy_model, z.shape, z, num_steps=1, clip_denoised=True)
+    assert torch.equal(clipped, out.clamp(-1, 1))
+    assert clipped.abs().max() <= 1
+    # noise=None draws torch.randn(*shape): the same seed gives the same draws
+    torch.manual_seed(0)
+    a = d.dpm_solver_sample_loop(toy_model, (1, 4, 2, 2), num_steps=3)
+    torch.manual_seed(0)
+    b = d.dpm_solver_sample_loop(toy_model, (1, 4, 2, 2), num_steps=3)
+    assert torch.equal(a, b) and a.shape == (1, 4, 2, 2)
+
+
+def test_diffusion_dpm_solver_1000_steps_stay_finite():
+    # linspace(0, 999, 1001).round() repeats 500: h = 0 there, and diffusers' next step divides
+    # by 0
+    d = create_diffusion("")
+    ts = d.dpm_solver_timesteps(1000)
+    assert len(ts) == 1000 and len(set(ts)) == 999
+    out = d.dpm_solver_sample_loop(eps_model, (1, 4, 2, 2), randn((1, 4, 2, 2), 7), num_steps=1000)
+    assert torch.isfinite(out).all()
+
+
+def test_diffusion_dpm_solver_prints_progress(capsys):
+    d = create_diffusion("")
+    d.dpm_solver_sample_loop(toy_model, (1, 4, 2, 2), num_steps=3, progress=True)
+    err = capsys.readouterr().err
+    assert "\rsampling step 1/3, " in err
+    assert re.search(r"\rsampling step 3/3, [\d,.]+/s, ETA \d+:\d\d:\d\d \n$", err)
+
+
+def test_diffusion_loops_print_shared_progress_line(capsys):
+    d = create_diffusion("ddim4")
+    d.ddim_sample_loop(toy_model, (1, 4, 2, 2), progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"\rsampling step 4/4, [\d,.]+/s, ETA \d+:\d\d:\d\d \n$", err)
+
+
+@pytest.mark.parametrize("num_steps", [0, -1, 1001, 2.5, "20"],
+                         ids=["0", "-1", "1001", "2.5", "string-20"])
+def test_diffusion_dpm_solver_rejects_bad_num_steps(num_steps):
+    with pytest.raises(ValueError, match="takes 1 to 1000"):
+        create_diffusion("").dpm_solver_sample_loop(toy_model, (1, 4, 2, 2), num_steps=num_steps)
+
+
+def test_diffusion_dpm_solver_needs_the_full_1000_step_schedule():
+    with pytest.raises(ValueError, match=re.escape('create_diffusion("")')):
+        create_diffusion("250").dpm_solver_sample_loop(toy_model, (1, 4, 2, 2), num_steps=10)
+
+#################################################################################
+#                                     vae.py                                    #
+#################################################################################
+
+def vae_outputs(m, seed=3):
+    """Encode mean/logvar and decode of fixed inputs: enough to tell two VAEs apart."""
+    f, c = m.downsample_factor, m.config["latent_channels"]
+    x, z = randn((2, 3, 4 * f, 4 * f), seed).clamp(-1, 1), randn((2, c, 4, 4), seed + 1)
+    with torch.no_grad():
+        p = m.encode(x)
+        return p.mean, p.logvar, m.decode(z)
+
+
+def assert_same_vae(a, b):
+    for u, v in zip(vae_outputs(a), vae_outputs(b)):
+        assert torch.equal(u, v)
+
+
+def sha_lines(lines):
+    return hashlib.sha256(("\n".join(sorted(lines)) + "\n").encode()).hexdigest()
+
+
+def to_ldm_name(k, levels):
+    k = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.",
+               k)
+    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.", r"encoder.down.\1.", k)
+    k = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
+    k = k.replace("mid_block.attentions.0.", "mid.attn_1.").replace(".resnets.", ".block.")
+    for a, b in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
+                 ("to_out.0", "proj_out"), ("downsamplers.0", "downsample"),
+                 ("upsamplers.0", "upsample"), ("conv_shortcut", "nin_shortcut"),
+                 ("conv_norm_out", "norm_out")):
+        k = k.replace(f".{a}.", f".{b}.")
+    return k
+
+
+def to_ldm(sd, levels):
+    return {to_ldm_name(k, levels): v[:, :, None, None] if ".attentions." in k and v.dim() == 2
+            else v for k, v in sd.items()}
+
+
+def to_legacy(sd):
+    names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    pattern = r"attentions\.0\.(to_q|to_k|to_v|to_out\.0)\."
+    return {re.sub(pattern, lambda m: f"attentions.0.{names[m[1]]}.", k): v for k, v in sd.items()}
+
+
+def full_sd_checkpoint(sd, levels):
+    """A full SD checkpoint holding sd: Lightning wrapper, LDM names under first_stage_model.,
+    UNet, loss, EMA."""
+    full = {"first_stage_model." + k: v for k, v in to_ldm(sd, levels).items()}
+    full.update({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2),
+                 "loss.logvar": torch.zeros(1), "model_ema.decay": torch.tensor(0.999),
+                 "cond_stage_model.x": torch.zeros(1)})
+    return {"state_dict": full, "global_step": 3}
+
+
+def write_format(m, fmt, directory):
+    """Save m's weights in one of the formats users have, in diffusers' directory layout; returns
+    the directory."""
+    sd, levels = m.state_dict(), len(m.config["block_out_channels"])
+    os.makedirs(directory, exist_ok=True)
+    # tiny config: groups cannot be inferred
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(m.config, f)
+    st = os.path.join(directory, "diffusion_pytorch_model.safetensors")
+    pt = os.path.join(directory, "diffusion_pytorch_model.bin")
+    if fmt == "diffusers":
+        vae.save_safetensors(sd, st)
+    elif fmt == "legacy":
+        # the released sd-vae-ft-* files
+        vae.save_safetensors(to_legacy(sd), st)
+    elif fmt == "ldm":
+        vae.save_safetensors(to_ldm(sd, levels), st)
+    elif fmt == "bin":
+        torch.save(sd, pt)
+    elif fmt == "sd_ckpt":
+        torch.save(full_sd_checkpoint(sd, levels), pt)
+    return directory
+
+
+def st_bytes(entries, data, header_extra=None):
+    """safetensors bytes from a header dict and raw data, written by hand (no writer involved)."""
+    head = json.dumps({**entries, **(header_extra or {})}).encode()
+    return struct.pack("<Q", len(head)) + head + data
+
+
+def publish(routes, repo, m, tmp_path, sha=None, weights="safetensors", redirect=True, etag=None):
+    """Serve m as the Hub does: config.json directly (its ETag a git sha1), the weights through a
+    302 to a CDN that carries X-Linked-Etag (the sha256), or with redirect=False directly."""
+    d = tmp_path / "published"
+    vae.save_vae(m, d)
+    if weights == "bin":
+        torch.save(m.state_dict(), d / "w.bin")
+    weights_file = "w.bin" if weights == "bin" else "diffusion_pytorch_model.safetensors"
+    body = (d / weights_file).read_bytes()
+    config = (d / "config.json").read_bytes()
+    routes[f"/{repo}/resolve/main/config.json"] = (200, {"ETag": '"%s"' % ("a" * 40)}, config)
+    linked = {}
+    if sha != "":
+        linked = {"X-Linked-Etag": '"%s"' % (sha or hashlib.sha256(body).hexdigest())}
+    path = f"/{repo}/resolve/main/diffusion_pytorch_model.{weights}"
+    if redirect:
+        routes[path] = (302, {"Location": f"/cdn/{repo}/blob", **linked}, b"")
+        routes[f"/cdn/{repo}/blob"] = (200, {"ETag": '"not-a-sha256"'}, body)
+    else:
+        routes[path] = (200, {**linked, **({"ETag": etag} if etag else {})}, body)
+    return body
+
+
+def advice(tmp_path, repo):
+    folder = tmp_path / "dit_cache" / repo.replace("/", "--") / "main"
+    return (f"put its config.json and diffusion_pytorch_model.safetensors in {folder}{os.sep}, or "
+            "set HF_ENDPOINT to a mirror, or pass a local folder or file")
+
+
+@pytest.fixture(scope="module")
+def golden_vae():
+    """golden.json's SD VAE (full size) with the golden fill: (model, its golden entry)."""
+    gold = GOLDEN["vae"]
+    skip = ("down_block_types", "up_block_types", "act_fn")
+    cfg = {k: v for k, v in gold["config"].items() if k not in skip}
+    m = vae.AutoencoderKL(**cfg).eval()
+    fill_(m.state_dict(), gold["weights_seed"])
+    return m, gold
+
+
+def test_vae_golden_encode_decode(golden_vae):
+    m, gold = golden_vae
+    assert m.scaling_factor == 0.18215 and m.shift_factor == 0.0 and m.downsample_factor == 8
+    with torch.no_grad():
+        post = m.encode(randn((2, 3, 32, 32), gold["x_seed"]).clamp(-1, 1))
+        assert_summary(post.mean, gold["encode_mean"])
+        assert_summary(post.logvar, gold["encode_logvar"])
+        assert_summary(m.decode(randn(gold["z_shape"], gold["z_seed"])), gold["decode"])
+
+
+def test_vae_key_names_and_formats_match_released_files(golden_vae):
+    m, _ = golden_vae
+    sd = m.state_dict()
+    # sha256 of the sorted lines of the golden set's
+    # sd_vae_{diffusers_keys,ldm_keys,diffusers_to_ldm_map}.txt
+    assert sha_lines(f"{k}\t{list(v.shape)}\t{v.dtype}" for k, v in sd.items()) == \
+        "ae6ea27db2d87a856118dc4d08b545375b859599611c3a3095bae004af8fd560" and len(sd) == 248
+    ldm = to_ldm(sd, 4)
+    assert sha_lines(f"{k}\t{list(v.shape)}" for k, v in ldm.items()) == \
+        "843ce3c02f1944699ad11911fbac752ef467efa18053d3a51dbe761d78a37fd3"
+    assert sha_lines(f"{k}\t{to_ldm_name(k, 4)}" for k in sd) == \
+        "48473b6e680dfdaa5857fe3c4cd30567cdb86dfea5df6509809c07318f3e7459"
+    for other in (ldm, to_legacy(sd), {"first_stage_model." + k: v for k, v in ldm.items()}):
+        back = vae.convert_state_dict(other)
+        assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "legacy", "ldm", "bin", "sd_ckpt"])
+def test_vae_loads_every_key_format_identically(tmp_path, fmt):
+    m = tiny_vae()
+    loaded = vae.load_vae(write_format(m, fmt, tmp_path / fmt))
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert_same_vae(m, loaded)
+
+
+def test_vae_single_file_infers_config_flux_style(tmp_path):
+    # FLUX.1/SD3-style: 16 latent channels, no quant convs; a lone weights file (no config.json)
+    m = tiny_vae(block_out_channels=(32, 64, 64), norm_num_groups=32, latent_channels=16,
+                 use_quant_conv=False, use_post_quant_conv=False)
+    assert not any("quant_conv" in k for k in m.state_dict())
+    path = str(tmp_path / "ae.safetensors")
+    vae.save_safetensors(to_ldm(m.state_dict(), 3), path)
+    loaded = vae.load_vae(path)
+    assert loaded.config["block_out_channels"] == [32, 64, 64]
+    assert loaded.config["latent_channels"] == 16
+    # no config: SD default
+    assert loaded.downsample_factor == 4 and loaded.scaling_factor == 0.18215
+    assert_same_vae(m, loaded)
+    # a lone full SD checkpoint (.ckpt)
+    m = tiny_vae(norm_num_groups=32, layers_per_block=2)
+    torch.save(full_sd_checkpoint(m.state_dict(), 2), tmp_path / "sd.ckpt")
+    loaded = vae.load_vae(str(tmp_path / "sd.ckpt"))
+    assert loaded.config["layers_per_block"] == 2 and loaded.config["use_quant_conv"]
+    assert_same_vae(m, loaded)
+
+
+def test_vae_config_scaling_shift_roundtrip(tmp_path):
+    m = tiny_vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                 scaling_factor=0.3611, shift_factor=0.1159)
+    vae.save_vae(m, tmp_path / "flux")
+    loaded = vae.load_vae(str(tmp_path / "flux"))
+    assert (loaded.scaling_factor, loaded.shift_factor) == (0.3611, 0.1159)
+    assert_same_vae(m, loaded)
+    cfg = json.load(open(tmp_path / "flux" / "config.json"))
+    # diffusers' layout
+    assert cfg["down_block_types"] == ["DownEncoderBlock2D"] * 2
+    assert cfg["_class_name"] == "AutoencoderKL"
+    for k in ("scaling_factor", "shift_factor"):
+        del cfg[k]
+    cfg.update(_diffusers_version="0.30.0", latents_mean=None,
+               down_block_types=["DownEncoderBlock2D"] * 2)
+    json.dump(cfg, open(tmp_path / "flux" / "config.json", "w"))
+    loaded = vae.load_vae(str(tmp_path / "flux"))
+    # SD defaults when absent
+    assert (loaded.scaling_factor, loaded.shift_factor) == (0.18215, 0.0)
+
+
+def test_vae_config_numbers_that_are_fine(tmp_path):
+    m = tiny_vae()
+    d = write_format(m, "diffusers", tmp_path / "v")
+    json.dump({**m.config, "scaling_factor": 1, "shift_factor": None}, open(d / "config.json", "w"))
+    loaded = vae.load_vae(str(d))
+    assert (loaded.scaling_factor, loaded.shift_factor) == (1.0, 0.0)
+    assert_same_vae(m, loaded)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("other-widths", r"does not fit the VAE of .*config.json: size mismatch for encoder.conv_in"
+                     r".weight: copying a param with shape torch.Size\(\[32, 3, 3, 3\]\)"),
+    ("autoencoder-tiny", "AutoencoderTiny"),
+    ("missing-and-unexpected-keys", r'config.json: Missing key\(s\) in state_dict: '
+                                    r'"decoder.conv_out.bias"\.; Unexpected key\(s\) in '
+                                    r'state_dict: "decoder.extra.weight"\.$'),
+    ("a-transformer-checkpoint", "holds no VAE weights.*x_embedder"),
+], ids=["other-widths", "autoencoder-tiny", "missing-and-unexpected-keys",
+        "a-transformer-checkpoint"])
+def test_vae_wrong_model_errors_name_the_problem(tmp_path, case, message):
+    m = tiny_vae()
+    d = write_format(m, "diffusers", tmp_path / "a")
+    cfg = {**m.config, "block_out_channels": [64, 64]}
+    if case == "other-widths":
+        json.dump(cfg, open(tmp_path / "a" / "config.json", "w"))
+    elif case == "autoencoder-tiny":
+        tiny = {**cfg, "_class_name": "AutoencoderTiny"}
+        json.dump(tiny, open(tmp_path / "a" / "config.json", "w"))
+    elif case == "missing-and-unexpected-keys":
+        sd = m.state_dict()
+        sd.pop("decoder.conv_out.bias")
+        sd["decoder.extra.weight"] = torch.zeros(1)
+        vae.save_safetensors(sd, str(tmp_path / "a" / "diffusion_pytorch_model.safetensors"))
+    else:
+        torch.save({"x_embedder.proj.weight": torch.zeros(1),
+                    "y_embedder.embedding_table.weight": torch.zeros(1)}, tmp_path / "dit.pt")
+        d = str(tmp_path / "dit.pt")
+    with pytest.raises(ValueError, match=message):
+        vae.load_vae(d)
+
+
+def test_vae_name_that_is_nothing_is_refused():
+    message = "not a file, a directory, or a Hugging Face repo id"
+    with pytest.raises(FileNotFoundError, match=message):
+        vae.load_vae("no such file.safetensors")
+
+
+@pytest.mark.parametrize("name", ["weights/vae.safetensors", "models/sd.ckpt"])
+def test_vae_weights_path_that_does_not_exist_is_not_sent_to_the_hub(http_server, name):
+    with pytest.raises(FileNotFoundError) as e:
+        vae.load_vae(name)
+    assert str(e.value) == (f"{name!r} is not a file, a directory, or a Hugging Face repo id "
+                            "(like 'stabilityai/sd-vae-ft-ema'; or ema, mse)")
+    assert http_server.log == []
+
+
+def test_vae_encode_refuses_odd_sizes():
+    with pytest.raises(ValueError, match="multiple of 2"):
+        tiny_vae().encode(torch.zeros(1, 3, 5, 6))
+
+
+def test_vae_encode_refuses_empty_images():
+    with pytest.raises(ValueError) as e:
+        tiny_vae().encode(torch.zeros(1, 3, 0, 4))
+    assert str(e.value) == "image size 0x4 is not a positive multiple of 2; crop it"
+
+
+def test_vae_safetensors_roundtrip_dtypes(tmp_path):
+    ts = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(),
+          "bf16": torch.randn(2, 3).bfloat16(), "f64": torch.randn(2).double(),
+          "i64": torch.arange(7), "u8": torch.arange(5, dtype=torch.uint8),
+          "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+          "empty": torch.zeros(0, 3), "strided": torch.randn(4, 6)[:, ::2]}
+    path = str(tmp_path / "t.safetensors")
+    vae.save_safetensors(ts, path)
+    head_len = struct.unpack("<Q", open(path, "rb").read(8))[0]
+    # data stays aligned
+    assert head_len % 8 == 0
+    back = vae.load_safetensors(path)
+    assert back.keys() == ts.keys()
+    for k in ts:
+        assert back[k].dtype == ts[k].dtype and torch.equal(back[k], ts[k]), k
+
+
+def test_vae_safetensors_reads_hand_built_bytes(tmp_path):
+    # the bf16 bytes are 1.0, -2.0, 0.5 (little endian)
+    data = (struct.pack("<4f", 1.0, -2.0, 0.5, 3.25) + struct.pack("<3e", 1.5, -0.25, 8.0)
+            + bytes.fromhex("803f00c0003f") + struct.pack("<2q", -5, 1 << 40))
+    entries = {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+               "h": {"dtype": "F16", "shape": [3], "data_offsets": [16, 22]},
+               "b": {"dtype": "BF16", "shape": [3], "data_offsets": [22, 28]},
+               "i": {"dtype": "I64", "shape": [2], "data_offsets": [28, 44]}}
+    path = tmp_path / "hand.safetensors"
+    path.write_bytes(st_bytes(entries, data, {"__metadata__": {"format": "pt"}}))
+    sd = vae.load_safetensors(str(path))
+    assert torch.equal(sd["w"], torch.tensor([[1.0, -2.0], [0.5, 3.25]]))
+    assert torch.equal(sd["h"], torch.tensor([1.5, -0.25, 8.0], dtype=torch.float16))
+    assert torch.equal(sd["b"], torch.tensor([1.0, -2.0, 0.5], dtype=torch.bfloat16))
+    assert sd["i"].tolist() == [-5, 1 << 40]
+
+
+def test_vae_safetensors_reads_unsorted_adjacent_and_empty_tensors(tmp_path):
+    data = struct.pack("<2f", 1.0, 2.0) + struct.pack("<2f", 3.0, 4.0)
+    entries = {"b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+               "e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [16, 16]},
+               "a": {"dtype": "F32", "shape": [1, 2], "data_offsets": [0, 8]},
+               "z": {"dtype": "I8", "shape": [0], "data_offsets": [0, 0]}}
+    path = tmp_path / "ok.safetensors"
+    path.write_bytes(st_bytes(entries, data, {"__metadata__": {"format": "pt"}}))
+    sd = vae.load_safetensors(str(path))
+    assert torch.equal(sd["a"], torch.tensor([[1.0, 2.0]]))
+    assert torch.equal(sd["b"], torch.tensor([3.0, 4.0]))
+    assert sd["e"].shape == (0, 3) and sd["z"].dtype == torch.int8 and sd["z"].shape == (0,)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("truncated",
+     r"tensor w \[4\] torch.float32 does not fit bytes 0..16 of the 13 data bytes: truncated"),
+    ("tiny", "truncated or not a safetensors file"),
+    ("huge_header", "truncated or not a safetensors file"),
+    ("bad_json", "corrupt safetensors header"),
+    ("bad_offsets", "tensor w .* does not fit bytes 0..12 of the 16 data bytes"),
+], ids=["truncated", "tiny", "huge_header", "bad_json", "bad_offsets"])
+def test_vae_safetensors_corrupt_files_give_clear_errors(tmp_path, case, match):
+    good = st_bytes({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(16))
+    short = {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}
+    blob = {"truncated": good[:-3], "tiny": b"\x01\x02",
+            "huge_header": struct.pack("<Q", 1 << 40) + b"{}",
+            "bad_json": struct.pack("<Q", 4) + b"{no}",
+            "bad_offsets": st_bytes(short, bytes(16))}[case]
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(blob)
+    with pytest.raises(ValueError, match=match):
+        vae.load_safetensors(str(path))
+
+
+def test_vae_truncated_download_says_download_again(tmp_path):
+    write_format(tiny_vae(), "diffusers", tmp_path / "cut")
+    w = tmp_path / "cut" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated.*download again"):
+        vae.load_vae(str(tmp_path / "cut"))
+
+
+F32_4 = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+HEADER_ERROR = ("{path}: corrupt safetensors header: tensor {name} is {entry}, not a known dtype, "
+                "a shape and two offsets; delete it and download again")
+TILE_ERROR = ("{path}: tensor {name} does not fit bytes {span} of the 16 data bytes: truncated or "
+              "corrupt; delete it and download again")
+
+
+@pytest.mark.parametrize("case", ["fractional_offsets", "float_shape", "negative_shape",
+                                  "negative_offset", "three_offsets", "bool_shape",
+                                  "unknown_dtype", "entry_not_an_object", "header_not_an_object",
+                                  "overlap", "zero_size_inside_another", "past_the_data", "gap",
+                                  "wrong_length", "bytes_after_the_last"])
+def test_vae_safetensors_refuses_bad_entries(tmp_path, case):
+    entries = {
+        "fractional_offsets": {"w": {"dtype": "F32", "shape": [1], "data_offsets": [1.5, 5.5]}},
+        "float_shape": {"w": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}},
+        "negative_shape": {"w": {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}},
+        "negative_offset": {"w": {"dtype": "F32", "shape": [4], "data_offsets": [-4, 12]}},
+        "three_offsets": {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 16]}},
+        "bool_shape": {"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}},
+        "unknown_dtype": {"w": {"dtype": "Q7", "shape": [4], "data_offsets": [0, 16]}},
+        "entry_not_an_object": {"w": [0, 16]},
+        "header_not_an_object": [["w", F32_4]],
+        "overlap": {"a": F32_4, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}},
+        "zero_size_inside_another": {"a": F32_4,
+                                     "b": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}},
+        "past_the_data": {"w": {"dtype": "F32", "shape": [5], "data_offsets": [0, 20]}},
+        "gap": {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}},
+        "wrong_length": {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}},
+        "bytes_after_the_last": {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+    }[case]
+    path = tmp_path / "x.safetensors"
+    head = json.dumps(entries).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + bytes(16))
+    with pytest.raises(ValueError) as e:
+        vae.load_safetensors(str(path))
+    # the tensors' bytes must tile the data: sorted by offsets, each begins where the previous one
+    # ended
+    tiles = {"overlap": "b [2] torch.float32", "zero_size_inside_another": "b [0] torch.float32",
+             "past_the_data": "w [5] torch.float32", "gap": "b [1] torch.float32",
+             "wrong_length": "w [2] torch.float32"}
+    if case == "header_not_an_object":
+        expected = f"{path}: truncated or not a safetensors file; delete it and download again"
+    elif case in tiles:
+        begin, end = entries[tiles[case].split()[0]]["data_offsets"]
+        expected = TILE_ERROR.format(path=path, name=tiles[case], span=f"{begin}..{end}")
+    elif case == "bytes_after_the_last":
+        expected = (f"{path}: 8 data bytes after the last tensor: corrupt; delete it and download "
+                    "again")
+    else:
+        expected = HEADER_ERROR.format(path=path, name="w", entry=json.dumps(entries["w"]))
+    assert str(e.value) == expected
+
+
+NOT_A_STATE_DICT = ("{path} is not a PyTorch state dict (empty, truncated, corrupt or not only "
+                    "tensors); download it again, or pass a .safetensors file")
+NOT_A_FOLDER = ("{d} lacks config.json or diffusion_pytorch_model.safetensors (or .bin); pass a "
+                "diffusers VAE folder")
+NOT_A_NUMBER = "{{cfg}}: {what}, not a number; write the VAE's value there"
+CONFIG_CASES = {
+    "invalid_json": (b"{not json", "{cfg} is not valid JSON (Expecting property name enclosed in "
+                                   "double quotes: line 1 column 2 (char 1)); restore the VAE's "
+                                   "config.json"),
+    "config_a_list": (b"[1, 2]", "{cfg} is not a JSON object; restore the VAE's config.json"),
+    "scaling_a_string": ('{"scaling_factor": "0.18215"}',
+                         NOT_A_NUMBER.format(what='scaling_factor is "0.18215"')),
+    "scaling_null": ('{"scaling_factor": null}',
+                     NOT_A_NUMBER.format(what="scaling_factor is null")),
+    "scaling_nan": ('{"scaling_factor": NaN}', NOT_A_NUMBER.format(what="scaling_factor is NaN")),
+    "scaling_true": ('{"scaling_factor": true}',
+                     NOT_A_NUMBER.format(what="scaling_factor is true")),
+    "shift_a_string": ('{"shift_factor": "abc"}',
+                       NOT_A_NUMBER.format(what='shift_factor is "abc"')),
+    "shift_infinite": ('{"shift_factor": -Infinity}',
+                       NOT_A_NUMBER.format(what="shift_factor is -Infinity")),
+}
+
+
+@pytest.mark.parametrize("case", ["empty_folder", "no_config", *CONFIG_CASES, "decoder_only_file",
+                                  "decoder_only_folder", "bin_empty", "bin_random",
+                                  "bin_truncated", "pt_runs_code", "ckpt_holds_a_tensor"])
+def test_vae_bad_folders_configs_and_files(tmp_path, case):
+    m = tiny_vae()
+    d = tmp_path / "v"
+    d.mkdir()
+    cfg = d / "config.json"
+    marker = tmp_path / "code_ran"
+    if case == "empty_folder":
+        target, kind, message = d, FileNotFoundError, NOT_A_FOLDER.format(d=d)
+    elif case == "no_config":
+        vae.save_safetensors(m.state_dict(), str(d / "diffusion_pytorch_model.safetensors"))
+        target, kind, message = d, FileNotFoundError, NOT_A_FOLDER.format(d=d)
+    elif case in CONFIG_CASES:
+        write_format(m, "diffusers", d)
+        text, message = CONFIG_CASES[case]
+        if isinstance(text, str):
+            # a fragment, added to the tiny VAE's config (JSON's last duplicate key wins)
+            text = (json.dumps(m.config)[:-1] + ", " + text[1:]).encode()
+        cfg.write_bytes(text)
+        target, kind, message = d, ValueError, message.format(cfg=cfg)
+    elif case.startswith("decoder_only"):
+        sd = {k: v for k, v in m.state_dict().items()
+              if not k.startswith(("encoder.", "quant_conv."))}
+        if case == "decoder_only_file":
+            target = tmp_path / "decoder.safetensors"
+            vae.save_safetensors(sd, str(target))
+            kind = ValueError
+            message = f"{target} has decoder but no encoder weights; pass a whole VAE"
+        else:
+            write_format(m, "diffusers", d)
+            weights = d / "diffusion_pytorch_model.safetensors"
+            vae.save_safetensors(sd, str(weights))
+            target, kind = d, ValueError
+            message = (f'{weights} does not fit the VAE of {cfg}: Missing key(s) in state_dict: '
+                       '"encoder.conv_in.weight"')
+    else:
+        target = tmp_path / {"bin_empty": "v.bin", "bin_random": "v.bin", "bin_truncated": "v.bin",
+                             "pt_runs_code": "v.pt", "ckpt_holds_a_tensor": "v.ckpt"}[case]
+        if case == "bin_empty":
+            target.write_bytes(b"")
+        elif case == "bin_random":
+            noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)
+            target.write_bytes(noise.tobytes())
+        elif case == "bin_truncated":
+            torch.save(m.state_dict(), target)
+            target.write_bytes(target.read_bytes()[:5000])
+        elif case == "pt_runs_code":
+            torch.save({"decoder.conv_in.weight": torch.zeros(1), "x": RunsCode(str(marker))},
+                       target)
+        else:
+            torch.save(torch.zeros(3), target)
+        kind, message = ValueError, NOT_A_STATE_DICT.format(path=target)
+    with pytest.raises(Exception) as e:
+        vae.load_vae(str(target))
+    assert type(e.value) is kind
+    if case == "decoder_only_folder":
+        assert str(e.value).startswith(message)
+    else:
+        assert str(e.value) == message
+    assert not marker.exists()
+    if case == "pt_runs_code":
+        # the file does hold code: unpickled without weights_only, it runs
+        torch.load(target, weights_only=False)
+        assert marker.exists()
+
+
+def test_vae_bf16_and_fp16_upcast(tmp_path):
+    m = tiny_vae()
+    d = write_format(m, "diffusers", tmp_path / "v")
+    ref = vae_outputs(m)
+    b = vae.load_vae(d, dtype=torch.bfloat16)
+    assert b.decoder.conv_in.weight.dtype == torch.bfloat16
+    for r, o in zip(ref, vae_outputs(b)):
+        # outputs in the caller's dtype
+        assert o.dtype == torch.float32 and torch.isfinite(o).all()
+        assert (o - r).norm() / r.norm() < 3e-2
+    h = vae.load_vae(d, dtype=torch.float16)
+    assert h.decoder.mid_block.resnets[0].conv1.weight.dtype == torch.float16
+    # the full-res layers stay fp32
+    assert h.decoder.up_blocks[0].resnets[0].conv1.weight.dtype == torch.float32
+    z = randn((1, 4, 4, 4), 0).half()
+    with torch.no_grad():
+        # activations past fp16's 65504
+        h.decoder.up_blocks[-1].resnets[0].conv1.bias.fill_(1e5)
+        out = h.decode(z)
+        assert out.dtype == torch.float16 and torch.isfinite(out).all()
+        # what the upcast prevents
+        assert not torch.isfinite(h.half().decode(z)).all()
+
+
+def test_vae_slicing_matches_separate_calls():
+    m = tiny_vae()
+    x, z = randn((5, 3, 8, 8), 0).clamp(-1, 1), randn((5, 4, 4, 4), 1)
+    # conv kernels may differ with batch size, so compare with the same chunks by hand
+    with torch.no_grad():
+        means = torch.cat([m.encode(c).mean for c in x.split(2)])
+        images = torch.cat([m.decode(c) for c in z.split(2)])
+        # two 8x8 images per pass
+        m.slice_pixels = 2 * 8 * 8
+        assert torch.equal(m.encode(x).mean, means) and torch.equal(m.decode(z), images)
+
+
+def test_vae_posterior_draw_and_mode():
+    m = tiny_vae()
+    with torch.no_grad():
+        p = m.encode(randn((2, 3, 8, 8), 0))
+    eps = torch.randn(p.mean.shape, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(p.sample(torch.Generator().manual_seed(7)), p.mean + p.std * eps)
+    assert torch.equal(p.mode(), p.mean) and torch.allclose(p.var, p.std ** 2)
+    moments = torch.cat([torch.zeros(1, 4, 2, 2), torch.full((1, 4, 2, 2), 100.0)], 1)
+    big = vae.DiagonalGaussian(moments)
+    # clamped
+    assert big.logvar.max() == 20.0
+
+
+def test_vae_cli_roundtrip_in_a_real_process(tmp_path):
+    write_format(tiny_vae(), "diffusers", tmp_path / "v")
+    Image.new("RGB", (21, 18), (200, 30, 90)).save(tmp_path / "img.png")
+    r = run_script("vae.py", tmp_path / "img.png", "--vae", tmp_path / "v")
+    assert r.returncode == 0, r.stderr
+    assert "PSNR" in r.stdout and Image.open(tmp_path / "img_vae.png").size == (20, 18)
+
+
+def test_vae_cli_writes_the_adm_uint8_conversion(tmp_path, monkeypatch, capsys):
+    m = tiny_vae()
+    folder = write_format(m, "diffusers", tmp_path / "v")
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "img.png")
+    code, out, _ = run_cli(vae, monkeypatch, capsys, tmp_path / "img.png", "--vae", folder)
+    assert code is None
+    expected_start = f"wrote {tmp_path / 'img_vae.png'}: 6x4 -> 2x smaller latent -> back, PSNR"
+    assert out.startswith(expected_start)
+    x = torch.from_numpy(pixels[:4, :6]).permute(2, 0, 1)[None].float().div(127.5).sub(1)
+    with torch.no_grad():
+        y = m.decode(m.encode(x).mode()).clamp(-1, 1)
+    expected = torch.clamp(127.5 * y[0] + 128, 0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "img_vae.png")), expected)
+
+
+@pytest.mark.parametrize("case", ["image_1x1", "no_image", "not_an_image", "no_such_vae",
+                                  "empty_vae_folder", "offline_hub"])
+def test_vae_cli_bad_input_is_one_line(tmp_path, monkeypatch, capsys, case):
+    folder = write_format(tiny_vae(), "diffusers", tmp_path / "v")
+    image = tmp_path / "img.png"
+    Image.new("RGB", (1, 1) if case == "image_1x1" else (4, 4)).save(image)
+    vae_arg = folder
+    if case == "image_1x1":
+        message = (f"{image} is 1x1, smaller than the VAE's 2x2 pixels per latent; pass an image "
+                   "of at least 2x2")
+    elif case == "no_image":
+        image = tmp_path / "missing.png"
+        message = (f"{image} is not a readable image ([Errno 2] No such file or directory: "
+                   f"'{image}'); pass a PNG or JPEG file")
+    elif case == "not_an_image":
+        image = tmp_path / "notes.png"
+        image.write_text("not a picture")
+        message = (f"{image} is not a readable image (cannot identify image file '{image}'); pass "
+                   "a PNG or JPEG file")
+    elif case == "no_such_vae":
+        vae_arg = "nosuch.safetensors"
+        message = ("'nosuch.safetensors' is not a file, a directory, or a Hugging Face repo id "
+                   "(like 'stabilityai/sd-vae-ft-ema'; or ema, mse)")
+    elif case == "empty_vae_folder":
+        vae_arg = tmp_path / "empty"
+        vae_arg.mkdir()
+        message = NOT_A_FOLDER.format(d=vae_arg)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("DIT_CACHE", str(tmp_path / "dit_cache"))
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_hub"))
+        vae_arg = "ema"
+        message = ("stabilityai/sd-vae-ft-ema is not cached and HF_HUB_OFFLINE is set; unset it "
+                   "to download, or " + advice(tmp_path, "stabilityai/sd-vae-ft-ema"))
+    code, out, err = run_cli(vae, monkeypatch, capsys, image, "--vae", vae_arg)
+    assert code == f"vae.py: error: {message}" and "\n" not in code
+    assert (out, err) == ("", "")
+    assert not (tmp_path / "img_vae.png").exists()
+
+
+def test_vae_cli_error_in_a_real_process_is_one_line(tmp_path):
+    Image.new("RGB", (1, 1)).save(tmp_path / "tiny.png")
+    write_format(tiny_vae(), "diffusers", tmp_path / "v")
+    r = run_script("vae.py", tmp_path / "tiny.png", "--vae", tmp_path / "v")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == (f"vae.py: error: {tmp_path / 'tiny.png'} is 1x1, smaller than the VAE's "
+                        "2x2 pixels per latent; pass an image of at least 2x2\n")
+
+
+def test_vae_cli_help_shows_every_default(monkeypatch, capsys):
+    code, out, _ = run_cli(vae, monkeypatch, capsys, "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    assert "(default: ema)" in text and "cropped to a multiple of 8" in text
+
+
+def test_vae_hub_download_checks_the_announced_sha256_and_caches(http_server, tmp_path,
+                                                                  monkeypatch, capfd):
+    log = http_server.log
+    m = tiny_vae()
+    body = publish(http_server.routes, "stabilityai/sd-vae-ft-ema", m, tmp_path)
+    assert_same_vae(m, vae.load_vae("ema"))
+    base = "/stabilityai/sd-vae-ft-ema/resolve/main"
+    # a HEAD (not followed) for the sha256, then the GET (redirects followed)
+    assert log == [f"HEAD {base}/config.json", f"GET {base}/config.json",
+                   f"HEAD {base}/diffusion_pytorch_model.safetensors",
+                   f"GET {base}/diffusion_pytorch_model.safetensors",
+                   "GET /cdn/stabilityai/sd-vae-ft-ema/blob"]
+    # torch.hub's progress bar (tqdm's, or its own), finished for config.json and the weights
+    assert capfd.readouterr().err.count("\r100") >= 2
+    cached = tmp_path / "dit_cache" / "stabilityai--sd-vae-ft-ema" / "main"
+    assert sorted(os.listdir(cached)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert (cached / "diffusion_pytorch_model.safetensors").read_bytes() == body
+    assert_same_vae(m, vae.load_vae("stabilityai/sd-vae-ft-ema"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert_same_vae(m, vae.load_vae("ema"))
+    assert len(log) == 5
+
+
+def test_vae_hub_sha256_mismatch_keeps_nothing(http_server, tmp_path):
+    body = publish(http_server.routes, "org/vae", tiny_vae(), tmp_path, sha="0" * 64)
+    path = tmp_path / "dit_cache" / "org--vae" / "main" / "diffusion_pytorch_model.safetensors"
+    url = f"{http_server.url}/org/vae/resolve/main/diffusion_pytorch_model.safetensors"
+    with pytest.raises(OSError) as e:
+        vae.load_vae("org/vae")
+    got = hashlib.sha256(body).hexdigest()
+    assert type(e.value) is OSError and str(e.value) == (
+        f'cannot download {url} (invalid hash value (expected "{"0" * 64}", got "{got}")); put '
+        f"the file at {path}, or set HF_ENDPOINT to a mirror")
+    assert os.listdir(path.parent) == ["config.json"]
+
+
+@pytest.mark.parametrize("case", ["x-linked-etag-on-a-200", "etag-is-not-a-sha256", "weak-etag",
+                                  "no-sha256"])
+def test_vae_hub_sha256_only_from_x_linked_etag(http_server, tmp_path, case):
+    routes = http_server.routes
+    m = tiny_vae()
+    other = hashlib.sha256(b"another file").hexdigest()
+    if case == "x-linked-etag-on-a-200":
+        # a 200 without redirect announces its sha256 too: checked
+        publish(routes, "org/vae", m, tmp_path, sha=other, redirect=False)
+        with pytest.raises(OSError, match=f'invalid hash value \\(expected "{other}"'):
+            vae.load_vae("org/vae")
+        return
+    if case == "etag-is-not-a-sha256":
+        # a 64-hex ETag that is no sha256 of the file: ignored
+        publish(routes, "org/vae", m, tmp_path, sha="", redirect=False, etag=f'"{other}"')
+    elif case == "weak-etag":
+        # W/"..." and upper case: the Hub's weak form of the same sha256
+        body = publish(routes, "org/vae", m, tmp_path)
+        path = "/org/vae/resolve/main/diffusion_pytorch_model.safetensors"
+        status, headers, _ = routes[path]
+        weak = 'W/"%s"' % hashlib.sha256(body).hexdigest().upper()
+        routes[path] = (status, {**headers, "X-Linked-Etag": weak}, b"")
+    else:
+        publish(routes, "org/vae", m, tmp_path, sha="")
+    assert_same_vae(m, vae.load_vae("org/vae"))
+
+
+def test_vae_hub_falls_back_to_bin_on_a_404(http_server, tmp_path):
+    log = http_server.log
+    m = tiny_vae()
+    publish(http_server.routes, "org/vae", m, tmp_path, weights="bin")
+    assert_same_vae(m, vae.load_vae("org/vae"))
+    base = "/org/vae/resolve/main"
+    assert f"HEAD {base}/diffusion_pytorch_model.safetensors" in log
+    assert f"GET {base}/diffusion_pytorch_model.safetensors" not in log
+    cached = sorted(os.listdir(tmp_path / "dit_cache" / "org--vae" / "main"))
+    assert cached == ["config.json", "diffusion_pytorch_model.bin"]
+
+
+@pytest.mark.parametrize("case", ["no_repo", "no_weights", "gated", "unreachable", "not_http",
+                                  "offline"])
+def test_vae_hub_errors_say_what_to_do(http_server, tcp_server, tmp_path, monkeypatch, case):
+    routes, log = http_server.routes, http_server.log
+    url = f"{http_server.url}/org/vae/resolve/main/config.json"
+    why = "no such repo or file, or a gated or private repo"
+    if case == "no_repo":
+        kind = OSError
+        message = (f"cannot download {url} (HTTP Error 404: Not Found; {why}); check the repo "
+                   f"id, or {advice(tmp_path, 'org/vae')}")
+    elif case == "no_weights":
+        publish(routes, "org/vae", tiny_vae(), tmp_path)
+        del routes["/org/vae/resolve/main/diffusion_pytorch_model.safetensors"]
+        kind = FileNotFoundError
+        message = ("org/vae has no diffusion_pytorch_model.safetensors or .bin; check the repo "
+                   "id, or pass a local folder or file")
+    elif case == "gated":
+        body = b"Access to model org/vae is restricted"
+        routes["/org/vae/resolve/main/config.json"] = (401, {}, body)
+        kind = OSError
+        message = (f"cannot download {url} (HTTP Error 401: Unauthorized; {why}); check the repo "
+                   f"id, or {advice(tmp_path, 'org/vae')}")
+    elif case in ("unreachable", "not_http"):
+        endpoint = closed_port_url() if case == "unreachable" else tcp_server(SSH_BANNER)
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        url = f"{endpoint}/org/vae/resolve/main/config.json"
+        reason = REFUSED if case == "unreachable" else "SSH-2.0-OpenSSH_9.6"
+        kind, message = OSError, f"cannot reach {url} ({reason}); {advice(tmp_path, 'org/vae')}"
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        kind = FileNotFoundError
+        message = ("org/vae is not cached and HF_HUB_OFFLINE is set; unset it to download, or "
+                   + advice(tmp_path, "org/vae"))
+    with pytest.raises(OSError) as e:
+        vae.load_vae("org/vae")
+    assert type(e.value) is kind and str(e.value) == message
+    if case == "no_weights":
+        # the config.json that did come is kept
+        assert os.listdir(tmp_path / "dit_cache" / "org--vae" / "main") == ["config.json"]
+    else:
+        # no empty cache folders left behind
+        assert not (tmp_path / "dit_cache").exists()
+    if case == "offline":
+        assert log == []
+
+
+def test_vae_hub_interrupted_download_keeps_nothing(http_server, tmp_path):
+    routes = http_server.routes
+    body = publish(routes, "org/vae", tiny_vae(), tmp_path)
+    # the CDN promises the whole file and sends 10 bytes: the announced sha256 refuses them
+    routes["/cdn/org/vae/blob"] = (200, {"Content-Length": str(len(body))}, body[:10])
+    url = f"{http_server.url}/org/vae/resolve/main/diffusion_pytorch_model.safetensors"
+    path = tmp_path / "dit_cache" / "org--vae" / "main" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(OSError) as e:
+        vae.load_vae("org/vae")
+    whole, part = hashlib.sha256(body).hexdigest(), hashlib.sha256(body[:10]).hexdigest()
+    assert str(e.value) == (f'cannot download {url} (invalid hash value (expected "{whole}", got '
+                            f'"{part}")); put the file at {path}, or set HF_ENDPOINT to a mirror')
+    # the config.json that did come is kept, no part of the weights
+    assert os.listdir(path.parent) == ["config.json"]
+
+
+def test_vae_reuses_huggingface_cache_offline(http_server, tmp_path, monkeypatch):
+    m = tiny_vae()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for env, hub_dir in (("HF_HUB_CACHE", "hf_hub"), ("HF_HOME", "hf_home/hub")):
+        if env == "HF_HOME":
+            # HF_HUB_CACHE unset: the cache is $HF_HOME/hub
+            monkeypatch.delenv("HF_HUB_CACHE")
+            monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        repo = tmp_path / hub_dir / "models--stabilityai--sd-vae-ft-mse"
+        # the layout huggingface_hub writes
+        vae.save_vae(m, repo / "snapshots" / "0123abc")
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0123abc")
+        assert_same_vae(m, vae.load_vae("mse"))
+        (repo / "refs" / "main").unlink()
+    assert http_server.log == [] and not (tmp_path / "dit_cache").exists()
+
+
+def test_vae_cache_paths_use_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DIT_CACHE", "")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert vae.cache_paths("org/name", "config.json") == [
+        str(tmp_path / ".cache" / "dit" / "org--name" / "main" / "config.json"),
+        str(tmp_path / "hf" / "models--org--name" / "snapshots" / "main" / "config.json")]
+
+
+def test_vae_empty_cache_variable_means_the_default(tmp_path, monkeypatch):
+    check_empty_cache_variable_means_the_default(vae, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("case", DOWNLOAD_CASES)
+def test_vae_download_leaves_no_trace_on_failure(case, http_server, tcp_server, tmp_path):
+    check_download_leaves_no_trace_on_failure(vae, case, http_server, tcp_server, tmp_path)
+
+
+def test_vae_download_keeps_folders_it_did_not_make(tmp_path):
+    check_download_keeps_folders_it_did_not_make(vae, tmp_path)
+
+
+@pytest.mark.parametrize("case", STOPPED_TRANSFER_CASES)
+def test_vae_download_stopped_transfer(case, tcp_server, tmp_path):
+    check_download_stopped_transfer(vae, case, tcp_server, tmp_path)
+
+
+@pytest.mark.parametrize("what", ["save_safetensors", "save_vae"])
+def test_vae_atomic_writes_use_one_temp_name(what, tmp_path, monkeypatch):
+    m = tiny_vae()
+    target = {"save_safetensors": tmp_path / "w.safetensors",
+              "save_vae": tmp_path / "v" / "config.json"}[what]
+
+    def write():
+        if what == "save_safetensors":
+            vae.save_safetensors(m.state_dict(), str(target))
+        else:
+            vae.save_vae(m, str(target.parent))
+
+    check_atomic_write_uses_one_temp_name(write, target, monkeypatch)
+
+#################################################################################
+#                            benchmarks/gpu_check.py                            #
+#################################################################################
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_path(tmp_path):
+    """--smoke: exit 0, a JSON report, every line passed or is a GPU-only line skipped."""
+    out = tmp_path / "gpu_check.json"
+    cmd = [sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(out), "--workdir",
+           str(tmp_path / "work")]
+    run = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["smoke"] and report["device"] == "CPU"
+    checks = {c["name"]: c for c in report["checks"]}
+    assert len(checks) == len(report["checks"]) >= 25
+    for c in checks.values():
+        if c["gpu_only"]:
+            assert (c["status"], c["note"], c["value"]) == ("skipped", "skipped: no GPU", None), c
+        else:
+            assert c["status"] == "pass" and c["value"] is not None, c
+    # the lines whose figures need a GPU are the skipped ones
+    skipped = {name for name, c in checks.items() if c["status"] == "skipped"}
+    for name in ("train.py --tf32", "train.py --compile", "sample.py cuda vs cpu, same seed",
+                 "SDPA flash attention bf16 vs fp32", "VAE encode + decode cuda vs cpu",
+                 "Inception features cuda vs cpu", "train bf16: MFU", "train bf16: TFLOP/s",
+                 "train bf16 --compile: img/s", "MFU goal: 40% in bf16"):
+        assert name in skipped
+    for name in ("train.py fp32", "train.py --precision bf16", "train.py --latent-cache",
+                 "train.py stop + --resume", "train bf16: img/s", "sampling DDPM-250 cfg bf16",
+                 "VAE decode fp32", "Inception features"):
+        assert checks[name]["status"] == "pass"
+    assert checks["torchrun train.py, 2 process(es)"]["status"] == "pass"
+    assert checks["train.py stop + --resume"]["value"] == 0
+    assert "| check | status | value | note |" in run.stdout
