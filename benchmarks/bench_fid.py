@@ -1,12 +1,15 @@
 """
-Inception feature extraction throughput (uint8 images -> pool3 features, the work behind FID): fid.py vs
-torch-fidelity's FeatureExtractorInceptionV3, the same network with the same (seeded random) weights saved to a
-temporary file that both load. The pool3 features must agree before anything is timed; rounds alternate the
-order of the sides, medians are printed.
+Inception feature extraction throughput (uint8 images -> pool3 features, the work behind FID):
+fid.py vs torch-fidelity's FeatureExtractorInceptionV3, the same network with the same (seeded
+random) weights saved to a temporary file that both load. The pool3 features must agree before
+anything is timed; rounds alternate the order of the sides, medians are printed.
 
-    python benchmarks/bench_fid.py                           # the figures
-    python benchmarks/bench_fid.py --rounds 1 --batch 8      # smoke run
-    python benchmarks/bench_fid.py --device cuda --batch 250 # on a GPU
+    # the figures
+    python benchmarks/bench_fid.py
+    # a smoke run
+    python benchmarks/bench_fid.py --rounds 1 --batch 8
+    # on a GPU
+    python benchmarks/bench_fid.py --device cuda --batch 250
 
 Needs torch and torch-fidelity.
 """
@@ -21,7 +24,7 @@ import torch
 
 
 def fill_(model, seed=0):
-    """Seeded weights with sane BatchNorm statistics (positive variances), so the features stay finite."""
+    """Seeded weights with sane BatchNorm statistics, so that the features stay finite."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
@@ -29,10 +32,13 @@ def fill_(model, seed=0):
                 continue
             r = torch.randn(t.shape, generator=g, dtype=torch.float64)
             if name.endswith("running_var"):
+                # positive variances
                 r = 0.5 + torch.rand(t.shape, generator=g, dtype=torch.float64)
-            elif t.dim() > 1:  # He scale: activations keep their size through 90-odd layers
+            elif t.dim() > 1:
+                # He scale: activations keep their size through 90-odd layers
                 r = r * (2 / (t.numel() // t.shape[0])) ** 0.5
-            elif name.endswith("weight"):  # BatchNorm gamma
+            elif name.endswith("weight"):
+                # BatchNorm gamma
                 r = 1 + 0.1 * r
             else:
                 r = 0.1 * r
@@ -41,7 +47,8 @@ def fill_(model, seed=0):
 
 def main():
     """Check that both extractors agree, then time them round by round."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=256, help="image side (both resize to 299x299)")
     p.add_argument("--rounds", type=int, default=7)
@@ -58,18 +65,23 @@ def main():
     fill_(model)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "inception.pth")
-        torch.save(model.state_dict(), path)  # the key names of the FID Inception file, which both read
+        # the key names of the FID Inception file, which both read
+        torch.save(model.state_dict(), path)
         ours = fid.load_inception(path, device)
-        theirs = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=path)
+        theirs = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                             feature_extractor_weights_path=path)
     theirs = theirs.eval().to(device)
     g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 256, (args.batch, 3, args.size, args.size), generator=g, dtype=torch.uint8).to(device)
+    shape = (args.batch, 3, args.size, args.size)
+    x = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(device)
     sides = {"fid.py": lambda: ours(x)[0], "torch-fidelity": lambda: theirs(x)[0]}
-    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {args.batch} uint8 "
-          f"{args.size}x{args.size}")
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch} uint8 {args.size}x{args.size}")
     times = {k: [] for k in sides}
     with torch.inference_mode():
-        a, b = sides["fid.py"](), sides["torch-fidelity"]()  # also the warm-up
+        # also the warm-up
+        a = sides["fid.py"]()
+        b = sides["torch-fidelity"]()
         err = ((a - b).abs().max() / b.abs().max()).item()
         print(f"pool3 fid.py vs torch-fidelity: max |diff| / max |feature| {err:.1e}")
         if err > 1e-4:
@@ -81,13 +93,14 @@ def main():
                 sides[k]()
                 sync(device)
                 times[k].append(time.perf_counter() - t0)
-            print(f"round {r}: " + ", ".join(f"{k} {args.batch / v[-1]:.1f} img/s" for k, v in times.items()),
-                  flush=True)
+            rates = [f"{k} {args.batch / v[-1]:.1f} img/s" for k, v in times.items()]
+            print(f"round {r}: " + ", ".join(rates), flush=True)
     for k, ts in times.items():
         print(f"{k:15s} {args.batch / statistics.median(ts):8.2f} img/s (median)")
     # the per-round ratio is robust to the machine's load changing between rounds
     ratios = [b / a for a, b in zip(times["fid.py"], times["torch-fidelity"])]
-    print(f"fid.py speed-up over torch-fidelity: {statistics.median(ratios):.2f}x (median of per-round ratios)")
+    print(f"fid.py speed-up over torch-fidelity: {statistics.median(ratios):.2f}x "
+          "(median of per-round ratios)")
 
 
 def sync(device):

@@ -1,17 +1,22 @@
 """
-Training step: the official DiT train.py step (fp32) vs this repo's train.py step (fp32, bf16 autocast).
+Training step: the official DiT train.py step (fp32) vs this repo's train.py step (fp32, bf16).
 
-DiT-S/2 on 32x32x4 latents (256x256 images), batch 8: a posterior sample from the latent cache, the diffusion
-loss, one AdamW step and the EMA update (train.py's loop body is mirrored below, on dit.py and diffusion.py,
-as train.py exposes no step function). Each side runs in its own worker process with the same weights and
-inputs; the first step's losses must agree, then the workers take turns, a block of steps each, round by round
-(the machine is shared and noisy), and the medians are printed.
+DiT-S/2 on 32x32x4 latents (256x256 images), batch 8: a posterior sample from the latent cache,
+the diffusion loss, one AdamW step and the EMA update (train.py exposes no step function, so its
+loop body is mirrored below, on dit.py, diffusion.py and train.py's update_ema). Each side runs
+in its own worker process with the same weights and inputs; the first step's losses must agree,
+then the workers take turns, a block of steps each, round by round (the machine is shared and
+noisy), and the medians are printed.
 
-    python benchmarks/bench_train.py --official /path/to/DiT                              # the figures
-    python benchmarks/bench_train.py --official /path/to/DiT --rounds 1 --steps 1         # smoke run
-    python benchmarks/bench_train.py --official /path/to/DiT --device cuda --batch 256    # on a GPU
+    # the figures
+    python benchmarks/bench_train.py --official /path/to/DiT
+    # a smoke run
+    python benchmarks/bench_train.py --official /path/to/DiT --rounds 1 --steps 1
+    # on a GPU
+    python benchmarks/bench_train.py --official /path/to/DiT --device cuda --batch 256
 
-Needs torch, and timm for the official models.py; --python runs the official worker with another interpreter.
+Needs torch, and timm for the official models.py; --python runs the official worker with another
+interpreter.
 """
 import argparse
 import json
@@ -20,14 +25,16 @@ import statistics
 import subprocess
 import sys
 import time
+from copy import deepcopy
 
 import torch
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")  # the project's modules
+# the project's modules
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def fill_(model, seed=0):
-    """Overwrite every float tensor with seeded noise: both sides start from the same (non-trivial) weights."""
+    """Overwrite every float tensor with seeded noise: both sides start from the same weights."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, t in sorted(model.state_dict().items()):
@@ -42,35 +49,43 @@ def sync(device):
 
 
 def worker(kind, precision, cfg):
-    """Build one side; print the first step's loss, then on each stdin line n, run n steps and print s/step."""
+    """Build one side; print its first loss, then per stdin line n, run n steps, print s/step."""
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
     sys.path.insert(0, cfg["official"] if kind == "official" else ROOT)
-    from copy import deepcopy
     from diffusion import create_diffusion
     if kind == "official":
         from models import DiT_models
     else:
         from dit import DiT_models
+        from train import AMP, update_ema
     model = DiT_models[cfg["model"]](input_size=32, num_classes=1000)
     fill_(model)
-    model.to(device).train()  # train mode: label dropout for classifier-free guidance, as both scripts do
+    # train mode: label dropout for classifier-free guidance, as both scripts do
+    model.to(device).train()
     ema = deepcopy(model).requires_grad_(False).eval()
-    params, ema_params, diffusion = list(model.parameters()), list(ema.parameters()), create_diffusion("")
+    params = list(model.parameters())
+    ema_params = list(ema.parameters())
+    diffusion = create_diffusion("")
     # the official script takes AdamW's default implementation; train.py asks for the fused one
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=True if kind != "official" else None)
-    g, n = torch.Generator().manual_seed(1), cfg["batch"]
-    mean, y = torch.randn(n, 4, 32, 32, generator=g).to(device), torch.randint(0, 1000, (n,), generator=g).to(device)
-    cached = torch.stack([mean, torch.full_like(mean, 0.05)], 1)  # (N, 2, C, h, w): a cache row, mean and std
-    amp = {"fp32": None, "bf16": torch.bfloat16}[precision]
-
-    def model_fn(x, t, y):
-        """The DiT under autocast, float32 out, as in train.py."""
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            return model(x, t, y).float()
+    fused = None if kind == "official" else True
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=fused)
+    n = cfg["batch"]
+    g = torch.Generator().manual_seed(1)
+    mean = torch.randn(n, 4, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 1000, (n,), generator=g).to(device)
+    # a latent cache row: the posterior's mean and std
+    cached = torch.stack([mean, torch.full_like(mean, 0.05)], 1)  # (N, 2, C, h, w)
+    # train.py's summed losses and NaN flag
+    keys = ["loss", "mse", "vb"]
+    running = torch.zeros(len(keys) + 1, device=device)
+    if kind != "official":
+        # train.py's autocast context, built once, and its loss scaler (off unless fp16)
+        ctx = torch.autocast(device.type, dtype=AMP[precision], enabled=precision != "fp32")
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def official_step():
-        """The official loop body: latent sample * 0.18215, loss, backward, AdamW, per-parameter EMA update."""
+        """The official loop body: latent * 0.18215, loss, backward, AdamW, per-parameter EMA."""
         x = (mean + 0.05 * torch.randn_like(mean)) * 0.18215
         t = torch.randint(0, diffusion.num_timesteps, (n,), device=device)
         loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
@@ -83,23 +98,28 @@ def worker(kind, precision, cfg):
         return loss
 
     def our_step():
-        """train.py's loop body with a latent cache, running-loss bookkeeping included (keep the two in step)."""
-        x = (cached[:, 0] + cached[:, 1] * torch.randn_like(cached[:, 0])) * 0.18215  # fresh posterior sample
+        """train.py's loop body on a latent cache, with its loss bookkeeping (keep them in step)."""
+        # a fresh posterior sample
+        x = (cached[:, 0] + cached[:, 1] * torch.randn_like(cached[:, 0])) * 0.18215
         t = torch.randint(0, diffusion.num_timesteps, (n,), device=device)
-        losses = diffusion.training_losses(model_fn, x, t, dict(y=y))
+        with ctx:
+            loss_dict = diffusion.training_losses(model, x, t, dict(y=y))
+        loss = loss_dict["loss"].mean()
         opt.zero_grad(set_to_none=True)
-        losses["loss"].mean().backward()
-        opt.step()
-        with torch.no_grad():  # EMA as two foreach kernels
-            torch._foreach_mul_(ema_params, 0.9999)
-            torch._foreach_add_(ema_params, params, alpha=1 - 0.9999)
-            means = torch.stack([losses[k].mean() for k in ("loss", "mse", "vb")])
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        update_ema(ema, model, 0.9999)
+        with torch.no_grad():
+            means = torch.stack([loss_dict[k].mean() for k in keys])
             running.add_(torch.cat([means, (~torch.isfinite(means).all())[None]]))
-        return losses["loss"].mean()
+        return loss
 
-    running, step = torch.zeros(4, device=device), official_step if kind == "official" else our_step
-    torch.manual_seed(2)  # same noise, timesteps and label dropout on both sides
-    print("loss", step().item(), flush=True)  # also the warm-up
+    step = official_step if kind == "official" else our_step
+    # same noise, timesteps and label dropout on both sides
+    torch.manual_seed(2)
+    # the first step is also the warm-up
+    print("loss", step().item(), flush=True)
     for line in sys.stdin:
         k = int(line)
         sync(device)
@@ -112,46 +132,62 @@ def worker(kind, precision, cfg):
 
 def main():
     """Start the workers, check their first losses agree, then time them interleaved."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--official", required=True, help="a checkout of github.com/facebookresearch/DiT")
-    p.add_argument("--python", default=sys.executable, help="interpreter for the official worker (needs timm)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--official", required=True,
+                   help="a checkout of github.com/facebookresearch/DiT")
+    p.add_argument("--python", default=sys.executable,
+                   help="interpreter for the official worker (needs timm)")
     p.add_argument("--model", default="DiT-S/2")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=5, help="steps per worker per round")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (the machine is shared)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per worker (the machine is shared)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     if not os.path.isfile(os.path.join(args.official, "models.py")):
-        sys.exit(f"--official {args.official} has no models.py; pass a checkout of facebookresearch/DiT")
+        sys.exit(f"--official {args.official} has no models.py; "
+                 "pass a checkout of facebookresearch/DiT")
     cfg = json.dumps({**vars(args), "official": os.path.abspath(args.official)})
-    sides = {"official fp32": (args.python, "official", "fp32"), "train.py fp32": (sys.executable, "ours", "fp32"),
-             "train.py bf16": (sys.executable, "ours", "bf16")}  # each a process: both sides have a "diffusion"
-    procs, losses, times = {}, {}, {name: [] for name in sides}
+    # each side a process: both have a module named "diffusion"
+    sides = {
+        "official fp32": (args.python, "official", "fp32"),
+        "train.py fp32": (sys.executable, "ours", "fp32"),
+        "train.py bf16": (sys.executable, "ours", "bf16"),
+    }
+    procs = {}
+    losses = {}
+    times = {name: [] for name in sides}
     for name, (python, kind, precision) in sides.items():
-        procs[name] = subprocess.Popen([python, os.path.abspath(__file__), "--worker", kind, precision, cfg],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        command = [python, os.path.abspath(__file__), "--worker", kind, precision, cfg]
+        procs[name] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       text=True)
         line = procs[name].stdout.readline().split()
         if not line or line[0] != "loss":
             sys.exit(f"the {name} worker failed (see its error above)")
         losses[name] = float(line[1])
     print("first-step loss: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()))
-    if abs(losses["train.py fp32"] - losses["official fp32"]) > 1e-4 * abs(losses["official fp32"]):
+    reference = losses["official fp32"]
+    if abs(losses["train.py fp32"] - reference) > 1e-4 * abs(reference):
         sys.exit("train.py fp32 and the official step disagree: not timing different computations")
     for r in range(args.rounds):
         for name, proc in procs.items():
             proc.stdin.write(f"{args.steps}\n")
             proc.stdin.flush()
             times[name].append(json.loads(proc.stdout.readline()))
-        print(f"round {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()), flush=True)
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()),
+              flush=True)
     for proc in procs.values():
         proc.stdin.close()
     base = statistics.median(times["official fp32"])
-    print(f"\n{args.model}, 32x32x4 latents, batch {args.batch}, {args.device}, {args.threads} thread(s) per worker, "
-          f"median of {args.rounds} rounds x {args.steps} steps:")
+    print(f"\n{args.model}, 32x32x4 latents, batch {args.batch}, {args.device}, "
+          f"{args.threads} thread(s) per worker, median of {args.rounds} rounds x {args.steps} "
+          "steps:")
     for name, ts in times.items():
         m = statistics.median(ts)
-        print(f"  {name:14s} {m * 1e3:8.1f} ms/step {args.batch / m:8.2f} img/s {base / m:6.2f}x official fp32")
+        print(f"  {name:14s} {m * 1e3:8.1f} ms/step {args.batch / m:8.2f} img/s "
+              f"{base / m:6.2f}x official fp32")
 
 
 if __name__ == "__main__":

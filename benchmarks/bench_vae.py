@@ -1,11 +1,15 @@
 """
-VAE decode throughput at 256x256 (latents 4x32x32): vae.py vs diffusers' AutoencoderKL, the SD VAE architecture
-with the same (seeded random) weights, fp32 and bf16 (the weights cast, as `load_vae(dtype=...)` does). The fp32
-outputs must agree before anything is timed; rounds alternate the order of the sides, medians are printed.
+VAE decode throughput at 256x256 (latents 4x32x32): vae.py vs diffusers' AutoencoderKL, the SD VAE
+architecture with the same (seeded random) weights, fp32 and bf16 (the weights cast, as
+`load_vae(dtype=...)` does). The fp32 outputs must agree before anything is timed; rounds
+alternate the order of the sides, medians are printed.
 
-    python benchmarks/bench_vae.py                          # the figures
-    python benchmarks/bench_vae.py --rounds 1               # smoke run
-    python benchmarks/bench_vae.py --device cuda --batch 16 # on a GPU
+    # the figures
+    python benchmarks/bench_vae.py
+    # a smoke run
+    python benchmarks/bench_vae.py --rounds 1
+    # on a GPU
+    python benchmarks/bench_vae.py --device cuda --batch 16
 
 Needs torch and diffusers.
 """
@@ -21,7 +25,8 @@ import torch
 
 def main():
     """Check that both decoders agree, then time them round by round."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
@@ -34,28 +39,33 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    blocks = dict(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
-    theirs = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
-                           norm_num_groups=32, **blocks).eval()
+    theirs = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                           latent_channels=4, norm_num_groups=32,
+                           down_block_types=["DownEncoderBlock2D"] * 4,
+                           up_block_types=["UpDecoderBlock2D"] * 4).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, t in sorted(theirs.state_dict().items()):
             t.copy_(torch.randn(t.shape, generator=g) * (0.02 if t.dim() > 1 else 0.1))
     ours = vae.AutoencoderKL().eval()
-    ours.load_state_dict(theirs.state_dict())  # diffusers' key names are vae.py's
+    # diffusers' key names are vae.py's
+    ours.load_state_dict(theirs.state_dict())
     z = torch.randn(args.batch, 4, 32, 32, generator=g).to(device)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     sides = {}
     for precision in args.precisions:
         dtype = dtypes[precision]
-        d, o = copy.deepcopy(theirs).to(device, dtype), copy.deepcopy(ours).to(device, dtype)
+        d = copy.deepcopy(theirs).to(device, dtype)
+        o = copy.deepcopy(ours).to(device, dtype)
         sides["diffusers", precision] = lambda d=d, dtype=dtype: d.decode(z.to(dtype)).sample
         sides["vae.py", precision] = lambda o=o, dtype=dtype: o.decode(z.to(dtype))
-    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"256x256 decode")
-    times, outs = {k: [] for k in sides}, {}
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch}, 256x256 decode")
+    times = {k: [] for k in sides}
+    outs = {}
     with torch.inference_mode():
-        for k, f in sides.items():  # warm-up (oneDNN / cuDNN picks its kernels) and the check
+        # the warm-up (oneDNN / cuDNN picks its kernels) and the check
+        for k, f in sides.items():
             outs[k] = f().float()
         for precision in args.precisions:
             err = (outs["vae.py", precision] - outs["diffusers", "fp32"]).abs().max().item()
@@ -69,14 +79,16 @@ def main():
                 sides[k]()
                 sync(device)
                 times[k].append(time.perf_counter() - t0)
-            print(f"round {r}: " + ", ".join(f"{a} {b} {v[-1]:.2f} s" for (a, b), v in times.items()), flush=True)
+            last = [f"{impl} {precision} {v[-1]:.2f} s" for (impl, precision), v in times.items()]
+            print(f"round {r}: " + ", ".join(last), flush=True)
     for precision in args.precisions:
         for impl in ("diffusers", "vae.py"):
             m = statistics.median(times[impl, precision])
             print(f"{precision} {impl:9s} {m * 1e3:8.0f} ms/batch {args.batch / m:7.3f} img/s")
         # the per-round ratio is robust to the machine's load changing between rounds
         r = [a / b for a, b in zip(times["diffusers", precision], times["vae.py", precision])]
-        print(f"{precision} vae.py speed-up over diffusers: {statistics.median(r):.2f}x (median of per-round ratios)")
+        print(f"{precision} vae.py speed-up over diffusers: {statistics.median(r):.2f}x "
+              "(median of per-round ratios)")
 
 
 def sync(device):
