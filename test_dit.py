@@ -37,6 +37,7 @@ from PIL import Image
 import pytest
 import torch
 
+import diffusion
 from diffusion import create_diffusion
 import dit
 import fid
@@ -1154,6 +1155,14 @@ def test_train_resume_from_a_checkpoint_outside_an_experiment_starts_a_new_one(t
     assert "Resuming from" in open(root / "001-DiT-S-8" / "log.txt").read()
 
 
+def test_train_resume_compares_model_kwargs_not_their_spelling(tmp_path):
+    root = pixel_run(tmp_path, "--max-steps", "1")
+    respelled = '{"num_heads": 2, "hidden_size": 32,  "depth": 2}'
+    pixel_run(tmp_path, "--max-steps", "2", "--resume", str(root / "000-DiT-S-8"),
+              "--model-kwargs", respelled, data=str(tmp_path / "data"))
+    assert sorted(os.listdir(root / "000-DiT-S-8" / "checkpoints")) == ["0000001.pt", "0000002.pt"]
+
+
 def test_train_failed_save_removes_its_file_and_says_how_much_space(tmp_path, monkeypatch):
     real_save = torch.save
 
@@ -1775,9 +1784,12 @@ def test_fid_load_inception_downloads_into_cache_dir(fid_inception, fid_weights_
     assert torch.equal(model.fc.weight, fid_inception.fc.weight)
 
 
-@pytest.mark.parametrize("name", ["cache_dir", "download"])
-def test_fid_shared_helpers_are_the_same_text_in_both_copies(name):
-    assert inspect.getsource(getattr(vae, name)) == inspect.getsource(getattr(fid, name))
+@pytest.mark.parametrize("name", ["cache_dir", "download", "progress"])
+def test_fid_shared_helpers_are_the_same_text_in_every_copy(name):
+    # one way for each chore: every standalone file that needs one holds the same text
+    copies = {"cache_dir": (vae, dit), "download": (vae, dit), "progress": (diffusion,)}[name]
+    for module in copies:
+        assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(fid, name))
 
 
 def test_fid_empty_cache_variable_means_the_default(tmp_path, monkeypatch):

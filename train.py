@@ -351,6 +351,8 @@ def check_args(args, world_size):
     except (ValueError, TypeError) as e:
         fail(f"--model-kwargs {args.model_kwargs} is not a JSON object of DiT arguments ({e}); "
              "e.g. '{\"depth\": 4}'")
+    # canonical, so that --resume compares the arguments, not their spelling
+    args.model_kwargs = json.dumps(kwargs, sort_keys=True)
     if not os.path.isdir(args.data_path):
         fail(f"--data-path {args.data_path} is not a folder; put the images in <it>/<class>/")
     classes, samples = find_images(args.data_path)
