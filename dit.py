@@ -29,7 +29,6 @@ class PatchEmbed(nn.Module):
     """Split a (N, C, H, W) input into p x p patches and embed each one linearly."""
     def __init__(self, input_size, patch_size, in_channels, hidden_size):
         super().__init__()
-        self.patch_size = (patch_size, patch_size)
         self.num_patches = (input_size // patch_size) ** 2
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
 
@@ -138,8 +137,7 @@ class DiTBlock(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), linear)
 
     def forward(self, x, c):
-        if self.block == "adaLN-Zero":
-            # c: (N, D)
+        if self.block == "adaLN-Zero":  # c: (N, D)
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
                 self.adaLN_modulation(c).chunk(6, dim=1)
             x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
@@ -186,10 +184,7 @@ class DiT(nn.Module):
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads "
                              f"{num_heads}; pick a head count that divides it")
         # everything DiT(**config) needs to rebuild this model; train.py stores it in checkpoints
-        self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-                           hidden_size=hidden_size, depth=depth, num_heads=num_heads,
-                           mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-                           num_classes=num_classes, learn_sigma=learn_sigma, block=block)
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -342,8 +337,7 @@ def describe_state_dict(sd):
 
 def get_1d_sincos_pos_embed(embed_dim, pos):
     """Sin-cos embedding of positions pos (M,) -> (M, embed_dim), in float64 as MAE's original."""
-    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000 ** omega
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0))
     out = pos.reshape(-1, 1).double() * omega[None]  # (M, D/2)
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
@@ -426,10 +420,9 @@ def load_checkpoint(name_or_path):
             # memory-mapped: only the tensors used are read (a training checkpoint holds 4x more)
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
+        why = f"empty, truncated or not a PyTorch file ({type(e).__name__})"
         if "global" in str(e).lower():
             why = "it holds pickled Python objects, which are never loaded (they could run code)"
-        else:
-            why = f"empty, truncated or not a PyTorch file ({type(e).__name__})"
         raise ValueError(f"{path} is not a readable checkpoint: {why}; give a DiT one") from None
     if not isinstance(ckpt, dict) or not ckpt:
         raise ValueError(f"{path} holds no weights (a {type(ckpt).__name__}); give a checkpoint")
@@ -440,17 +433,11 @@ def find_model(name_or_path):
     ckpt = load_checkpoint(name_or_path)
     return ckpt.get("ema", ckpt)
 
-#################################################################################
-#                      Model table (Table 4 of the paper)                       #
-#################################################################################
-
 def main():
-    """Print the table of DiT configs: parameters and Gflops per image."""
-    parser = argparse.ArgumentParser(description="The DiT configs: parameters and Gflops per image",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=256, help="image size (8x VAE latents)")
-    args = parser.parse_args()
-    size = args.image_size
+    """python dit.py: the table of DiT configs (Table 4 of the paper), parameters and Gflops."""
+    parser = argparse.ArgumentParser(description="The DiT configs: parameters and Gflops per image")
+    parser.add_argument("--image-size", type=int, default=256, help="256 (default) or 512")
+    size = parser.parse_args().image_size
     print(f"{'model':10s} {'params (M)':>11s} {'Gflops':>8s}   ({size}x{size} images)")
     for name, make in DiT_models.items():
         with torch.device("meta"):

@@ -50,8 +50,10 @@ def default_labels(num_classes, n=8):
 def sampling_loop(sampler, num_steps, eta=0.0):
     """loop(model_fn, shape, noise, ...) -> x_0 of "ddpm", "ddim" or "dpm++" in num_steps calls."""
     if sampler == "dpm++":
-        # DPM-Solver++ picks its own timesteps out of all 1000
-        return functools.partial(create_diffusion("").dpm_solver_sample_loop, num_steps=num_steps)
+        # DPM-Solver++ picks its own timesteps out of all 1000 (checked here, before sampling)
+        diffusion = create_diffusion("")
+        diffusion.dpm_solver_timesteps(num_steps)
+        return functools.partial(diffusion.dpm_solver_sample_loop, num_steps=num_steps)
     if sampler == "ddim":
         return functools.partial(create_diffusion(f"ddim{num_steps}").ddim_sample_loop, eta=eta)
     return create_diffusion(str(num_steps)).p_sample_loop
@@ -102,7 +104,7 @@ def generate(model, vae, loop, num_images, batch_size, generator=None, cfg_scale
         yield to_uint8(decode(vae, x, precision)), y
 
 #################################################################################
-#                                  Image files                                  #
+#                             Image files and FID sets                          #
 #################################################################################
 
 def make_grid(images, nrow=4, padding=2):
@@ -133,7 +135,6 @@ def atomic_write(path, write):
 def write_npz(path, chunks, shape):
     """Stream uint8 chunks into an .npz of one array arr_0 (as np.savez, with less memory)."""
     header = {"descr": "|u1", "fortran_order": False, "shape": shape}
-
     def write(f):
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as out:
@@ -149,21 +150,6 @@ def file_sha256(path):
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
-
-#################################################################################
-#                                 FID sample sets                               #
-#################################################################################
-
-def rng_state(device):
-    """The state of the generator that draws the sampling noise on device."""
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-def set_rng_state(state, device):
-    """Restore rng_state(device)."""
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
 
 def sample_fid(model, vae, loop, options, num_images, n, seed, out, config, rank, world_size):
     """Sample num_images over all ranks, n per batch; rank 0 writes them to the .npz out."""
@@ -186,7 +172,6 @@ def sample_fid(model, vae, loop, options, num_images, n, seed, out, config, rank
                          for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k))
         fail(f"{parts} holds batches sampled with other options ({diff}); delete it or pass "
              "another --out")
-
     def shard(r, b):
         return os.path.join(parts, f"rank{r:03d}-batch{b:06d}.npz")
     start = next((b for b in range(iters) if not os.path.exists(shard(rank, b))), iters)
@@ -194,22 +179,27 @@ def sample_fid(model, vae, loop, options, num_images, n, seed, out, config, rank
         # per-rank seed, as the official sample_ddp.py
         torch.manual_seed(seed * world_size + rank)
     else:
-        # continue the random stream where the last finished batch left it
+        # continue the random stream (of the device that draws the noise) where the last
+        # finished batch left it
         with np.load(shard(rank, start - 1)) as f:
-            set_rng_state(torch.from_numpy(f["rng"]), device)
+            state = torch.from_numpy(f["rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
     if rank == 0:
         print(f"sampling {num_images} images: {world_size} process(es) x {iters} "
               f"batches of {n}, {start} batches already done, into {parts}", file=sys.stderr)
     batches = generate(model, vae, loop, (iters - start) * n, n, **options)
     t0 = time.time()
+    total = (iters - start) * n * world_size
     for b, (images, labels) in enumerate(batches, start=start):
         images = images.permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
-        state = rng_state(device).cpu().numpy()
+        state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
         atomic_write(shard(rank, b), lambda f: np.savez(f, images=images,
                                                         labels=labels.cpu().numpy(), rng=state))
         if rank == 0:
-            progress("images", (b - start + 1) * n * world_size, (iters - start) * n * world_size,
-                     t0)
+            progress("images", (b - start + 1) * n * world_size, total, t0)
     if world_size > 1:
         dist.barrier()
     if rank == 0:
@@ -240,50 +230,37 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description="Sample a grid of images, or an "
                                 "FID set, from a DiT.", epilog=EXAMPLES, formatter_class=Help)
     # unset, these come from a train.py checkpoint, else they are the official defaults
-    p.add_argument("--model", choices=list(dit.DiT_models), default=None,
-                   help="DiT config (default: the checkpoint's, else DiT-XL/2)")
-    p.add_argument("--vae", type=str, default=None, help="ema, mse, a Hugging Face repo id, a VAE "
-                   "folder or file, or none for pixel models (default: the checkpoint's, else mse)")
-    p.add_argument("--image-size", type=count(1), default=None,
-                   help="pixels (default: the checkpoint's, else 256)")
-    p.add_argument("--num-classes", type=count(1), default=None,
-                   help="(default: the checkpoint's, else 1000)")
-    p.add_argument("--cfg-scale", type=number(0, math.inf), default=4.0,
-                   help="guidance scale (FID sets: 1.5)")
-    p.add_argument("--num-sampling-steps", type=count(1), default=None,
-                   help="model calls (default: 250; 20 for dpm++)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="noise seed; FID sets: process r draws with seed * world_size + r")
-    p.add_argument("--ckpt", type=str, default=None, help="a train.py checkpoint (its EMA) or a "
-                   "state dict (default: the official DiT-XL/2 of --image-size 256 or 512)")
-    p.add_argument("--model-kwargs", type=str, default=None,
-                   help="JSON of DiT arguments over --model (default: the checkpoint's)")
-    p.add_argument("--labels", type=int, nargs="+", default=None,
-                   help="classes to sample (default: the official 8 of ImageNet, else 0..7)")
-    p.add_argument("--out", type=str, default=None,
-                   help="output file (default: sample.png; samples.npz for FID sets)")
+    p.add_argument("--model", choices=list(dit.DiT_models), help="default: the checkpoint's, "
+                   "else DiT-XL/2")
+    p.add_argument("--vae", help="ema, mse, a Hugging Face repo id, a VAE folder or file, or none "
+                   "for pixel models (default: the checkpoint's, else mse)")
+    p.add_argument("--image-size", type=count(1), help="default: the checkpoint's, else 256")
+    p.add_argument("--num-classes", type=count(1), help="default: the checkpoint's, else 1000")
+    p.add_argument("--cfg-scale", type=number(0, math.inf), default=4.0, help="guidance (FID: 1.5)")
+    p.add_argument("--num-sampling-steps", type=count(1), help="default: 250, dpm++: 20")
+    p.add_argument("--seed", type=int, default=0, help="FID: rank r uses seed*world_size+r")
+    p.add_argument("--ckpt", help="a train.py checkpoint (its EMA) or a state dict (default: the "
+                   "official DiT-XL/2 of --image-size 256 or 512)")
+    p.add_argument("--model-kwargs", help="JSON of DiT arguments (default: the checkpoint's)")
+    p.add_argument("--labels", type=int, nargs="+", help="classes (default: official 8 or 0..7)")
+    p.add_argument("--out", help="default: sample.png; samples.npz for FID sets")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm",
                    help="ddpm (official), ddim, or DPM-Solver++(2M)")
-    p.add_argument("--eta", type=number(0, math.inf), default=0.0,
-                   help="DDIM noise (0: deterministic)")
-    p.add_argument("--cfg-interval", type=number(-1, 1000), nargs=2, default=None,
-                   metavar=("LO", "HI"),
+    p.add_argument("--eta", type=number(0, math.inf), default=0.0, help="DDIM noise (0: none)")
+    p.add_argument("--cfg-interval", type=number(-1, 1000), nargs=2, metavar=("LO", "HI"),
                    help="guide only timesteps LO < t <= HI of 0..999 (default: all)")
     p.add_argument("--cfg-all-channels", action="store_true",
                    help="guide all latent channels (the official code guides the first 3)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: autocast the DiT and the VAE")
-    p.add_argument("--check", action="store_true",
-                   help="load the checkpoint and the VAE, say where the files are, sample nothing")
-    p.add_argument("--num-fid-samples", type=count(1), default=None,
-                   help="write this many images with random labels into an .npz (sample_ddp.py)")
-    p.add_argument("--per-proc-batch-size", type=count(1), default=32,
-                   help="FID sets: images per process and batch")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast")
+    p.add_argument("--check", action="store_true", help="load everything, say where the files "
+                   "are, sample nothing")
+    p.add_argument("--num-fid-samples", type=count(1), help="write this many images with random "
+                   "labels into an .npz (sample_ddp.py)")
+    p.add_argument("--per-proc-batch-size", type=count(1), default=32, help="FID sets: batch size")
     return p.parse_args(argv)
 
 class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Help with the defaults shown (unless the text says them) and the examples as written."""
-
     def _get_help_string(self, action):
         if action.default in (None, False) or "default" in action.help:
             return action.help
@@ -321,22 +298,18 @@ def check_args(args):
         if args.model_kwargs is not None and not isinstance(json.loads(args.model_kwargs), dict):
             raise ValueError("not a JSON object")
         # the step count must fit the 1000 training steps (and DDIM's integer stride)
-        spacing = {"ddpm": str(args.num_sampling_steps), "ddim": f"ddim{args.num_sampling_steps}"}
-        create_diffusion(spacing.get(args.sampler, ""))
-        if args.sampler == "dpm++":
-            create_diffusion("").dpm_solver_timesteps(args.num_sampling_steps)
+        sampling_loop(args.sampler, args.num_sampling_steps)
     except ValueError as e:
         fail(f"{e} (--model-kwargs {args.model_kwargs}, --num-sampling-steps "
              f"{args.num_sampling_steps})")
     if args.ckpt is not None and not os.path.isfile(args.ckpt):
         fail(f"--ckpt {args.ckpt} is not a file; give a checkpoint, or leave --ckpt out to "
              "download the official DiT-XL/2")
-    if args.ckpt is None:
-        official = (args.model in (None, "DiT-XL/2") and args.image_size in (None, 256, 512)
-                    and args.num_classes in (None, 1000) and args.vae != "none")
-        if not official:
-            fail("only the latent DiT-XL/2 with --image-size 256 or 512 and --num-classes 1000 "
-                 "can be downloaded; for other models pass --ckpt PATH")
+    official = (args.model in (None, "DiT-XL/2") and args.image_size in (None, 256, 512)
+                and args.num_classes in (None, 1000) and args.vae != "none")
+    if args.ckpt is None and not official:
+        fail("only the latent DiT-XL/2 with --image-size 256 or 512 and --num-classes 1000 "
+             "can be downloaded; for other models pass --ckpt PATH")
     if args.labels is not None and args.num_fid_samples:
         fail("--labels is for a grid; FID sets draw uniformly random labels (as sample_ddp.py)")
     args.out = args.out or ("samples.npz" if args.num_fid_samples else "sample.png")
@@ -439,7 +412,13 @@ def run(args, rank, world_size, device):
     if rank == 0 and world_size > 1:
         dist.barrier()
     if args.check:
-        report_files(args, ckpt_path, model)
+        # what was loaded from where, and whether fid.py's Inception weights are there
+        inception = os.path.join(dit.cache_dir(), "pt_inception-2015-12-05-6726825d.pth")
+        found = "found" if os.path.isfile(inception) else "missing (needed by fid.py only)"
+        print(f"DiT checkpoint: {ckpt_path} ({dit.describe_state_dict(model.state_dict())})\n"
+              f"VAE: {args.vae}, loaded\n"
+              f"Inception weights for fid.py: {inception}: {found}\n"
+              "everything needed to sample is in place")
         return
     loop = sampling_loop(args.sampler, args.num_sampling_steps, args.eta)
     if args.num_fid_samples:
@@ -466,15 +445,6 @@ def run(args, rank, world_size, device):
     file_format = Image.registered_extensions()[os.path.splitext(args.out)[1].lower()]
     atomic_write(args.out, lambda f: Image.fromarray(grid).save(f, format=file_format))
     print(f"saved {args.out} ({len(labels)} images, classes {labels})", file=sys.stderr)
-
-def report_files(args, ckpt_path, model):
-    """--check: what was loaded from where, and whether fid.py's Inception weights are there."""
-    inception = os.path.join(dit.cache_dir(), "pt_inception-2015-12-05-6726825d.pth")
-    found = "found" if os.path.isfile(inception) else "missing (needed by fid.py only)"
-    print(f"DiT checkpoint: {ckpt_path} ({dit.describe_state_dict(model.state_dict())})\n"
-          f"VAE: {args.vae}, loaded\n"
-          f"Inception weights for fid.py: {inception}: {found}\n"
-          "everything needed to sample is in place")
 
 if __name__ == "__main__":
     main()

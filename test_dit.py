@@ -1166,11 +1166,13 @@ def test_train_resume_compares_model_kwargs_not_their_spelling(tmp_path):
 def test_train_failed_save_removes_its_file_and_says_how_much_space(tmp_path, monkeypatch):
     real_save = torch.save
 
-    def disk_full(obj, path, **kwargs):
-        if str(path).endswith(".tmp") and "0000002" in str(path):
-            open(path, "wb").write(b"partial")
+    def disk_full(obj, f, **kwargs):
+        # train.py saves into an open temp file; its partial content must not stay behind
+        name = getattr(f, "name", str(f))
+        if name.endswith(".tmp") and "0000002" in name:
+            f.write(b"partial")
             raise OSError(28, "No space left on device")
-        return real_save(obj, path, **kwargs)
+        return real_save(obj, f, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(SystemExit) as e:

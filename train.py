@@ -49,8 +49,8 @@ def find_images(root):
     tops = {os.path.realpath(os.path.join(root, name)) for name in classes}
     seen = {os.path.realpath(root)}
     for label, name in enumerate(classes):
-        folders = []
         top = os.path.join(root, name)
+        found = []
         for folder, subfolders, files in os.walk(top, followlinks=True):
             # Links are followed, but a real folder is entered once (a loop would repeat its
             # images), and a class folder only as its own class.
@@ -59,10 +59,9 @@ def find_images(root):
                 subfolders.clear()
                 continue
             seen.add(real)
-            folders.append((folder, files))
-        for folder, files in sorted(folders):
-            images = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
-            samples += [(os.path.join(folder, f), label) for f in images]
+            found += [(folder, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        # sorted by folder, then by file name
+        samples += [(os.path.join(folder, f), label) for folder, f in sorted(found)]
     return classes, samples
 
 def center_crop_arr(pil_image, image_size):
@@ -87,7 +86,6 @@ def read_image(path, image_size):
 
 class ImageFolder(Dataset):
     """Item (index, flip) -> (image (3, H, W) in [-1, 1], label); unreadable files are skipped."""
-
     def __init__(self, samples, image_size):
         self.samples = samples
         self.image_size = image_size
@@ -108,7 +106,6 @@ class ImageFolder(Dataset):
 
 class LatentCache(Dataset):
     """Item (index, flip) -> (VAE posterior mean and std (2, C, h, w), label), from build_cache."""
-
     def __init__(self, path):
         self.path = path
         self.latents = None
@@ -214,29 +211,23 @@ def save_checkpoint(path, model, ema, opt, scaler, args, position, device):
                   "args": vars(args), "config": model.config, "step": step, "epoch": epoch,
                   "batch": batch, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                   "world_size": dist.get_world_size(), "rng": rng}
-    error = None
-    tmp = f"{path}.{os.getpid()}.tmp"
+    error = [None]
     try:
         if rank == 0:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
+            sample.atomic_write(path, lambda f: torch.save(checkpoint, f))
     except (OSError, RuntimeError) as e:
         # model, EMA and AdamW's two moments: 16 bytes per parameter
         need = 16 * sum(p.numel() for p in model.parameters()) / 2**20
-        error = (f"could not save {path} ({str(e).splitlines()[0]}); it needs about {need:,.0f} "
-                 "MiB: free some space, then --resume from the last checkpoint")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    if rank == 0 and error is None and args.keep_last > 0:
+        error[0] = (f"could not save {path} ({str(e).splitlines()[0]}); it needs about "
+                    f"{need:,.0f} MiB: free some space, then --resume from the last checkpoint")
+    if rank == 0 and error[0] is None and args.keep_last > 0:
         # the newest --keep-last checkpoints stay, this one included
         for stale in sorted(glob.glob(f"{os.path.dirname(path)}/*.pt"))[:-args.keep_last]:
             os.remove(stale)
     # every rank learns whether it worked, so that all stop together
-    shared = [error]
-    dist.broadcast_object_list(shared)
-    if shared[0] is not None:
-        fail(shared[0])
+    dist.broadcast_object_list(error)
+    if error[0] is not None:
+        fail(error[0])
 
 def create_logger(experiment_dir, rank):
     """log(message, metrics): rank 0 prints and appends to log.txt, metrics to metrics.jsonl."""
@@ -252,7 +243,7 @@ def create_logger(experiment_dir, rank):
                 print(json.dumps(metrics), file=f)
     return log
 
-def log_losses(log, running, keys, log_steps, seconds, step, total_steps, last_good, args, model):
+def log_losses(log, running, keys, log_steps, start, step, total_steps, last_good, args, model):
     """Sum the losses over the ranks, stop on NaN, and log their means (also to metrics.jsonl)."""
     totals = running.clone()
     dist.all_reduce(totals)
@@ -261,7 +252,7 @@ def log_losses(log, running, keys, log_steps, seconds, step, total_steps, last_g
                    f"checkpoint {last_good} with a lower --lr (or bf16 instead of fp16)")
         log(message)
         fail(message)
-    rate = log_steps / seconds
+    rate = log_steps / (time.time() - start)
     means = (totals[:-1] / (log_steps * dist.get_world_size())).tolist()
     metrics = {"step": step, **dict(zip(keys, means)), "steps_per_sec": rate,
                "img_per_sec": rate * args.global_batch_size}
@@ -297,9 +288,9 @@ def prepare_fid(args, rank, device):
     inception = fid.load_inception(args.fid_inception, device)
     if rank > 0:
         return inception, None
-    (mu, sigma), _, _ = fid.reference(args.fid_ref, inception, 50)
+    reference = fid.reference(args.fid_ref, inception, 50)[0]
     dist.barrier()
-    return inception, (mu, sigma)
+    return inception, reference
 
 def fid_images(ema, vae, args, rank, world_size, device):
     """This rank's share of the FID samples, batches of uint8 images (a generator of its own)."""
@@ -519,8 +510,7 @@ def train(args, rank, world_size, device):
             save = step % args.ckpt_every == 0 or done
             if step % args.log_every == 0 or save:
                 # before any checkpoint is written: a NaN loss stops the run here
-                seconds = time.time() - start_time
-                log_losses(log, running, keys, log_steps, seconds, step, total_steps, last_good,
+                log_losses(log, running, keys, log_steps, start_time, step, total_steps, last_good,
                            args, model)
                 running.zero_()
                 log_steps = 0
@@ -560,37 +550,30 @@ def parse_args(argv=None):
     p.add_argument("--global-batch-size", type=count(1), default=256, help="over all processes")
     p.add_argument("--global-seed", type=int, default=0, help="data order, weights, noise")
     p.add_argument("--vae", type=str, default="ema", help="ema, mse, repo id, folder, file; none")
-    p.add_argument("--num-workers", type=count(0), default=None,
+    p.add_argument("--num-workers", type=count(0),
                    help="loader processes per process (default: 4 with a GPU, 0 on the CPU)")
     p.add_argument("--log-every", type=count(1), default=100, help="steps between log lines")
     p.add_argument("--ckpt-every", type=count(1), default=50_000, help="steps between checkpoints")
     p.add_argument("--lr", type=number(0, math.inf), default=1e-4, help="AdamW learning rate")
     p.add_argument("--ema-decay", type=number(0, 1), default=0.9999,
-                   help="0.9999^N of the initial weights remain after N steps: short runs want "
-                        "0.999 or 0.99")
-    p.add_argument("--max-steps", type=count(1), default=None, help="stop (and save) at this step")
-    p.add_argument("--resume", type=str, default=None,
-                   help="a checkpoint, or an experiment folder (its newest checkpoint)")
+                   help="0.9999^N of the initial weights remain after N steps; short runs: 0.999")
+    p.add_argument("--max-steps", type=count(1), help="stop (and save) at this step")
+    p.add_argument("--resume", type=str, help="a checkpoint, or an experiment folder (its newest)")
     p.add_argument("--keep-last", type=count(0), default=0, help="keep the newest N (0: all)")
-    p.add_argument("--latent-cache", type=str, default=None,
-                   help="folder of the data's VAE posteriors, built on first use")
+    p.add_argument("--latent-cache", type=str, help="folder of the data's VAE latents (made once)")
     p.add_argument("--sample-every", type=count(0), default=0, help="EMA sample grid every N steps")
     p.add_argument("--precision", choices=list(AMP), default="fp32", help="autocast dtype")
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions on GPUs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true", help="less memory, more compute")
-    p.add_argument("--model-kwargs", type=str, default="{}",
-                   help="JSON of DiT arguments over the --model preset, e.g. '{\"depth\": 4}'")
-    p.add_argument("--fid-every", type=count(0), default=0, help="FID and IS every N steps and at "
-                   "the end")
-    p.add_argument("--fid-ref", type=str, default=None,
-                   help="FID reference: ADM .npz, fid.py --save-stats .npz or image folder")
+    p.add_argument("--model-kwargs", type=str, default="{}", help="JSON of DiT arguments over "
+                   "--model, e.g. '{\"depth\": 4}'")
+    p.add_argument("--fid-every", type=count(0), default=0, help="FID and IS every N steps, at end")
+    p.add_argument("--fid-ref", type=str, help="FID reference: ADM .npz, stats .npz, images")
     p.add_argument("--fid-num-samples", type=count(2), default=10_000, help="EMA samples per FID")
     p.add_argument("--fid-steps", type=count(1), default=50, help="DDIM steps of the FID samples")
-    p.add_argument("--fid-cfg-scale", type=number(0, math.inf), default=1.0,
-                   help="their guidance (1: none)")
-    p.add_argument("--fid-inception", type=str, default=None,
-                   help="Inception weights file (default: fid.py's cached download)")
+    p.add_argument("--fid-cfg-scale", type=number(0, math.inf), default=1.0, help="1: unguided")
+    p.add_argument("--fid-inception", type=str, help="weights file (default: fid.py's download)")
     return p.parse_args(argv)
 
 EXAMPLES = """examples:
