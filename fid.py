@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import zipfile
+from functools import partial
 
 import numpy as np
 import torch
@@ -31,21 +32,22 @@ STATS = ("mu", "sigma", "mu_s", "sigma_s")
 
 class ConvBN(nn.Module):
     """Convolution without bias, BatchNorm (TF's eps 0.001), ReLU; "same" padding unless strided."""
-    def __init__(self, cin, cout, kernel_size, stride=1, padding="same"):
+    def __init__(self, cin, cout, kernel, stride=1, padding="same"):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding if stride == 1 else 0,
-                              bias=False)
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding if stride == 1 else 0, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
     def forward(self, x):
         return F.relu_(self.bn(self.conv(x)))
 
 def chain(block, name, cin, *convs):
-    """Add ConvBN block.name_1, name_2, ..., each (cout, kernel[, stride]) feeding the next."""
+    """Add ConvBN (cout, kernel[, stride]) in turn to block as name_1, name_2, ... (name if one)."""
+    layers = []
     for i, (cout, *k) in enumerate(convs, 1):
-        block.add_module(f"{name}_{i}", ConvBN(cin, cout, *k))
+        layers.append(ConvBN(cin, cout, *k))
+        block.add_module(f"{name}_{i}" if len(convs) > 1 else name, layers[-1])
         cin = cout
-    return [getattr(block, f"{name}_{i}") for i in range(1, len(convs) + 1)]
+    return layers
 
 def run(layers, x):
     """x through a chain of layers."""
@@ -53,57 +55,51 @@ def run(layers, x):
         x = layer(x)
     return x
 
-def avg_pool(x):
-    """3x3 average pool; the TF graph averages over valid pixels only at the borders."""
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+# 3x3 average pool; the TF graph averages over valid pixels only at the borders
+avg_pool = partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+# 3x3 max pool of stride 2: it halves the grid
+reduction_pool = partial(F.max_pool2d, kernel_size=3, stride=2)
 
-class InceptionA(nn.Module):
+class Mixed(nn.Module):
+    """An Inception block: its branches (lists of layers run in turn) side by side, concatenated."""
+    def forward(self, x):
+        return torch.cat([run(branch, x) for branch in self.branches], 1)
+
+class InceptionA(Mixed):
     """Mixed_5b..5d, 35x35."""
     def __init__(self, cin, pool_features):
         super().__init__()
-        self.branch1x1 = ConvBN(cin, 64, 1)
-        self.b5 = chain(self, "branch5x5", cin, (48, 1), (64, 5))
-        self.b3 = chain(self, "branch3x3dbl", cin, (64, 1), (96, 3), (96, 3))
-        self.branch_pool = ConvBN(cin, pool_features, 1)
+        self.branches = [chain(self, "branch1x1", cin, (64, 1)),
+                         chain(self, "branch5x5", cin, (48, 1), (64, 5)),
+                         chain(self, "branch3x3dbl", cin, (64, 1), (96, 3), (96, 3)),
+                         [avg_pool, *chain(self, "branch_pool", cin, (pool_features, 1))]]
 
-    def forward(self, x):
-        pool = self.branch_pool(avg_pool(x))
-        return torch.cat([self.branch1x1(x), run(self.b5, x), run(self.b3, x), pool], 1)
-
-class InceptionB(nn.Module):
+class InceptionB(Mixed):
     """Mixed_6a, 35x35 -> 17x17."""
     def __init__(self, cin):
         super().__init__()
-        self.branch3x3 = ConvBN(cin, 384, 3, stride=2)
-        self.b3 = chain(self, "branch3x3dbl", cin, (64, 1), (96, 3), (96, 3, 2))
+        self.branches = [chain(self, "branch3x3", cin, (384, 3, 2)),
+                         chain(self, "branch3x3dbl", cin, (64, 1), (96, 3), (96, 3, 2)),
+                         [reduction_pool]]
 
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x), run(self.b3, x), F.max_pool2d(x, 3, stride=2)], 1)
-
-class InceptionC(nn.Module):
+class InceptionC(Mixed):
     """Mixed_6b..6e, 17x17, factorized 7x7 convolutions."""
     def __init__(self, cin, c7):
         super().__init__()
-        self.branch1x1 = ConvBN(cin, 192, 1)
-        self.b7 = chain(self, "branch7x7", cin, (c7, 1), (c7, (1, 7)), (192, (7, 1)))
-        self.b7dbl = chain(self, "branch7x7dbl", cin, (c7, 1), (c7, (7, 1)), (c7, (1, 7)),
-                           (c7, (7, 1)), (192, (1, 7)))
-        self.branch_pool = ConvBN(cin, 192, 1)
+        self.branches = [chain(self, "branch1x1", cin, (192, 1)),
+                         chain(self, "branch7x7", cin, (c7, 1), (c7, (1, 7)), (192, (7, 1))),
+                         chain(self, "branch7x7dbl", cin, (c7, 1), (c7, (7, 1)), (c7, (1, 7)),
+                               (c7, (7, 1)), (192, (1, 7))),
+                         [avg_pool, *chain(self, "branch_pool", cin, (192, 1))]]
 
-    def forward(self, x):
-        pool = self.branch_pool(avg_pool(x))
-        return torch.cat([self.branch1x1(x), run(self.b7, x), run(self.b7dbl, x), pool], 1)
-
-class InceptionD(nn.Module):
+class InceptionD(Mixed):
     """Mixed_7a, 17x17 -> 8x8."""
     def __init__(self, cin):
         super().__init__()
-        self.b3 = chain(self, "branch3x3", cin, (192, 1), (320, 3, 2))
-        self.b7 = chain(self, "branch7x7x3", cin, (192, 1), (192, (1, 7)), (192, (7, 1)),
-                        (192, 3, 2))
-
-    def forward(self, x):
-        return torch.cat([run(self.b3, x), run(self.b7, x), F.max_pool2d(x, 3, stride=2)], 1)
+        self.branches = [chain(self, "branch3x3", cin, (192, 1), (320, 3, 2)),
+                         chain(self, "branch7x7x3", cin, (192, 1), (192, (1, 7)), (192, (7, 1)),
+                               (192, 3, 2)),
+                         [reduction_pool]]
 
 class InceptionE(nn.Module):
     """Mixed_7b (average pool branch) and Mixed_7c (max pool branch), 8x8."""
@@ -176,20 +172,18 @@ class InceptionV3(nn.Module):
         x = tf1_resize(check_images(images, "InceptionV3").float())
         x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)  # (N, 3, 299, 299)
         x = self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))
-        x = F.max_pool2d(self.Conv2d_2b_3x3(x), 3, stride=2)                # (N, 64, 73, 73)
+        x = reduction_pool(self.Conv2d_2b_3x3(x))                           # (N, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, 3, stride=2)                                     # (N, 192, 35, 35)
+        x = reduction_pool(x)                                                # (N, 192, 35, 35)
         x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))    # (N, 768, 17, 17)
         x = self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x)))
         # sFID's features: the first 7 channels of Mixed_6d's branch1x1, which leads its concat
         spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)                    # (N, 17 * 17 * 7)
-        x = self.Mixed_6e(x)
-        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                   # (N, 2048, 8, 8)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(x))))    # (N, 2048, 8, 8)
         pool3 = x.mean((2, 3))                                               # (N, 2048)
         # no bias, as ADM's Inception Score
         logits = pool3 @ self.fc.weight.T                                    # (N, 1008)
         return pool3, spatial.contiguous(), logits
-
 
 #################################################################################
 #                                  Weights                                      #
@@ -291,8 +285,7 @@ def _npz_batches(path, batch_size):
     except Exception as e:
         raise ValueError(NPZ_ERROR.format(path, e)) from None
     if dtype != np.uint8 or fortran or len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"{path}: arr_0 must be C-ordered uint8 RGB images (N, H, W, 3), got "
-                         f"{dtype} {shape}")
+        raise ValueError(f"{path}: arr_0 is {dtype} {shape}; expected C-ordered uint8 (N, H, W, 3)")
     def batches():
         """The images, batch_size at a time, read from the zip as they are needed."""
         with z, f:
@@ -321,8 +314,7 @@ def _folder_batches(path, batch_size):
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"{file} is not a readable image: {e}") from None
         if size and im.shape != size:
-            raise ValueError(f"{file} and {files[0]} differ in size; all images must have the "
-                             "same size")
+            raise ValueError(f"{file}: not the size of {files[0]}; images must be the same size")
         return im
     size = load(files[0]).shape
     def batches():
@@ -342,8 +334,7 @@ def image_batches(images, batch_size=50):
             return _folder_batches(images, batch_size)
         if images.endswith(".npz") and os.path.isfile(images):
             return _npz_batches(images, batch_size)
-        raise ValueError(f"{images}: expected an existing .npz file (arr_0: uint8 (N, H, W, 3)) "
-                         "or a folder of images")
+        raise ValueError(f"{images}: expected an existing .npz file or a folder of images")
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
         images = images.movedim(-1, 1) if images.dim() == 4 else images
@@ -401,10 +392,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     # numerical error can leave a small imaginary part
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has imaginary component {np.max(np.abs(covmean.imag))}")
-        covmean = covmean.real
+    if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+        raise ValueError(f"sqrtm has imaginary component {np.max(np.abs(covmean.imag))}")
+    covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 def inception_score(logits, split_size=5000):
@@ -421,8 +411,7 @@ def inception_score(logits, split_size=5000):
 def _sq_distances(u, v):
     """Pairwise squared distances (n, m) as the evaluator's: in float16, float32 on overflow."""
     for dtype in (torch.float16, torch.float32):
-        a = u.to(dtype)
-        b = v.to(dtype)
+        a, b = u.to(dtype), v.to(dtype)
         # TF's order of operations
         d = (a.square().sum(1)[:, None] - 2 * a @ b.T + b.square().sum(1)[None]).clamp_min(0)
         if torch.isfinite(d).all():
@@ -430,9 +419,8 @@ def _sq_distances(u, v):
 
 def _radii(x, k, rows):
     """Squared distance of each point to its k-th nearest neighbour (itself excluded)."""
-    parts = [_sq_distances(x[i:i + rows], x).kthvalue(k + 1, 1).values
-             for i in range(0, len(x), rows)]
-    return torch.cat(parts)
+    return torch.cat([_sq_distances(x[i:i + rows], x).kthvalue(k + 1, 1).values
+                      for i in range(0, len(x), rows)])
 
 @torch.inference_mode()
 def precision_recall(ref, sample, k=3, rows=1000, device="cpu"):
@@ -457,7 +445,7 @@ def precision_recall(ref, sample, k=3, rows=1000, device="cpu"):
 #################################################################################
 
 def read_stats(path):
-    """[mu, sigma, mu_s, sigma_s] stored in a reference .npz, or None; and whether it has arr_0."""
+    """A reference's stored (mu, sigma, mu_s, sigma_s) or None, and whether to read its images."""
     if not (str(path).endswith(".npz") and os.path.isfile(path)):
         return None, True
     try:
@@ -474,17 +462,17 @@ def read_stats(path):
         if a.dtype.kind != "f" or not np.isfinite(a).all():
             raise ValueError(f"{path}: {k} is not finite floats (NaN, inf or {a.dtype}); "
                              "compute the statistics again: fid.py REF --save-stats NPZ")
-    return [stats[k] for k in STATS] if stats else None, has_images
+    # the images are read if there are some, or if there are no statistics (then they must be)
+    return tuple(stats[k] for k in STATS) if stats else None, has_images or not stats
 
 def reference(path, model, batch_size):
     """((mu, sigma), (mu_s, sigma_s), pool3 or None); a reference's stored statistics win (ADM)."""
-    stats, has_images = read_stats(path)
-    if stats and not has_images:
-        return (stats[0], stats[1]), (stats[2], stats[3]), None
-    pool, spatial, _ = compute_features(path, model, batch_size)
-    if stats:
-        return (stats[0], stats[1]), (stats[2], stats[3]), pool
-    return statistics(pool), statistics(spatial), pool
+    stats, read_images = read_stats(path)
+    pool = None
+    if read_images:
+        pool, spatial, _ = compute_features(path, model, batch_size)
+        stats = stats or (*statistics(pool), *statistics(spatial))
+    return stats[:2], stats[2:], pool
 
 def save_stats(path, mu, sigma, mu_s, sigma_s):
     """Write statistics in the evaluator's layout, atomically (a temp file, renamed when done)."""
@@ -510,11 +498,11 @@ def check_args(args):
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:
         raise ValueError(f"--device {args.device} is not usable ({e}); pass --device cpu") from None
-    stats, has_images = read_stats(args.ref)
+    read_images = read_stats(args.ref)[1]
     # FID needs 2 images per set, precision and recall (reference images and samples) 4; the
     # reference's images count unless it holds statistics alone
-    need = 4 if has_images and args.samples else 2
-    for path in filter(None, (args.ref if has_images or not stats else None, args.samples)):
+    need = 4 if read_images and args.samples else 2
+    for path in filter(None, (args.ref if read_images else None, args.samples)):
         n = image_batches(path, args.batch_size)[0]
         if n < need:
             raise ValueError(f"{path} has {n} image(s); FID needs at least 2 per set, precision "
@@ -522,8 +510,7 @@ def check_args(args):
 
 def main():
     """python fid.py REF [SAMPLES]: the evaluator's lines; a user's error is one line on stderr."""
-    p = argparse.ArgumentParser(description="ADM evaluator metrics (IS, FID, sFID, precision, "
-                                "recall) in PyTorch",
+    p = argparse.ArgumentParser(description="IS, FID, sFID, precision, recall as ADM's evaluator",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("ref", help="reference: an ADM .npz (images and/or statistics) or image folder")
     p.add_argument("samples", nargs="?", help="samples: an .npz (arr_0) or a folder of images")
