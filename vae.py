@@ -15,7 +15,6 @@ import math
 import os
 import pathlib
 import re
-import struct
 import urllib.error
 import urllib.request
 
@@ -125,8 +124,7 @@ class Decoder(nn.Module):
     def forward(self, z):
         # fp32 from here on if load_vae upcast the decoder
         h = self.mid_block(self.conv_in(z)).to(self.conv_out.weight.dtype)
-        h = self.conv_norm_out(self.up_blocks(h))
-        return self.conv_out(F.silu(h, inplace=True))
+        return self.conv_out(F.silu(self.conv_norm_out(self.up_blocks(h)), inplace=True))
 
 class DiagonalGaussian:
     """The posterior q(z|x) = N(mean, exp(logvar)) from the encoder's moments (N, 2C, h, w)."""
@@ -174,11 +172,9 @@ class AutoencoderKL(nn.Module):
         """net(x) in slices of at most slice_pixels image pixels, in the dtype of net's weights."""
         # the fp16 start of an upcast decoder takes fp16 inputs
         dtype = next(net.parameters()).dtype
-        parts = []
-        for chunk in x.split(max(1, self.slice_pixels // pixels)):
-            # channels-last (NHWC) activations: oneDNN and cuDNN convolutions run faster on them
-            y = net(chunk.to(dtype, memory_format=torch.channels_last))
-            parts.append(y.to(x.dtype).contiguous())
+        # channels-last (NHWC) activations: oneDNN and cuDNN convolutions run faster on them
+        parts = [net(chunk.to(dtype, memory_format=torch.channels_last)).to(x.dtype).contiguous()
+                 for chunk in x.split(max(1, self.slice_pixels // pixels))]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def encode(self, x):
@@ -261,8 +257,7 @@ def vae_files(name):
 def read_config(path):
     """The AutoencoderKL arguments in a diffusers config.json, checked."""
     try:
-        with open(path, "rb") as f:
-            cfg = json.load(f)
+        cfg = json.loads(pathlib.Path(path).read_bytes())
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); restore the VAE's config.json") from None
     if not isinstance(cfg, dict):
@@ -320,8 +315,7 @@ def load_vae(name_or_path="stabilityai/sd-vae-ft-ema", device="cpu", dtype=torch
         vae.load_state_dict(sd, assign=True)
     except (TypeError, ValueError, RuntimeError) as e:
         # torch names every key (a line per kind or per shape): the first three
-        lines = str(e).split("\n\t")
-        why = "; ".join(line.strip()[:300] for line in lines[1:4]) or str(e)
+        why = "; ".join(line.strip()[:300] for line in str(e).split("\n\t")[1:4]) or str(e)
         raise ValueError(f"{weights} does not fit the VAE of {config or 'its weight shapes'}: "
                          f"{why}") from None
     vae = vae.eval().requires_grad_(False).to(device=device, dtype=dtype)
@@ -332,28 +326,6 @@ def load_vae(name_or_path="stabilityai/sd-vae-ft-ema", device="cpu", dtype=torch
         for m in (vae.post_quant_conv, vae.decoder.conv_in, vae.decoder.mid_block):
             m.half()
     return vae
-
-def write_file(path, chunks):
-    """Write byte strings to path atomically: a temp file, renamed once complete."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.writelines(chunks)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-def save_vae(vae, directory):
-    """Write config.json and diffusion_pytorch_model.safetensors (diffusers' layout) there."""
-    os.makedirs(directory, exist_ok=True)
-    # the block types too, or diffusers would build a VAE of one level
-    n = len(vae.config["block_out_channels"])
-    cfg = {"_class_name": "AutoencoderKL", "act_fn": "silu", **vae.config,
-           "down_block_types": ["DownEncoderBlock2D"] * n,
-           "up_block_types": ["UpDecoderBlock2D"] * n}
-    write_file(os.path.join(directory, "config.json"), [json.dumps(cfg, indent=2).encode()])
-    save_safetensors(vae.state_dict(), os.path.join(directory, WEIGHTS_NAMES[0]))
 
 #################################################################################
 #                        safetensors Files and Hub Downloads                    #
@@ -367,9 +339,8 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 
 def load_safetensors(path):
     """Read a .safetensors file into a dict of CPU tensors, every entry checked against the file."""
-    with open(path, "rb") as f:
-        # writable, so the tensors can share its memory
-        blob = bytearray(f.read())
+    # writable, so the tensors can share its memory
+    blob = bytearray(pathlib.Path(path).read_bytes())
     n = int.from_bytes(blob[:8], "little")
     fix = "delete it and download again"
     try:
@@ -407,24 +378,6 @@ def load_safetensors(path):
     if pos != size:
         raise ValueError(f"{path}: {size - pos} data bytes after the last tensor: corrupt; {fix}")
     return sd
-
-def save_safetensors(tensors, path):
-    """Write a dict of tensors as .safetensors, atomically (a temp file renamed once complete)."""
-    names = {dtype: name for name, dtype in ST_DTYPES.items()}
-    header = {"__metadata__": {"format": "pt"}}
-    blobs = []
-    offset = 0
-    for name, t in tensors.items():
-        if t.dtype not in names:
-            raise ValueError(f"{name} is {t.dtype}, which vae.py cannot store; convert it")
-        blobs.append(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        header[name] = dict(dtype=names[t.dtype], shape=list(t.shape),
-                            data_offsets=[offset, offset + len(blobs[-1])])
-        offset += len(blobs[-1])
-    head = json.dumps(header, separators=(",", ":")).encode()
-    # spaces after the JSON keep the data 8-byte aligned
-    head += b" " * (-len(head) % 8)
-    write_file(path, [struct.pack("<Q", len(head)), head, *blobs])
 
 def cache_dir():
     """Downloads go to $DIT_CACHE, or ~/.cache/dit when it is unset or empty."""

@@ -168,7 +168,12 @@ def setup():
         image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
         Image.fromarray(image).save(f"{WORK}/data/{i % 2}/{i:02d}.png")
     torch.manual_seed(0)
-    vae.save_vae(vae.AutoencoderKL(**(TINY_VAE if SMOKE else {})), f"{WORK}/vae")
+    autoencoder = vae.AutoencoderKL(**(TINY_VAE if SMOKE else {}))
+    # a diffusers folder: config.json and the weights as a torch state dict
+    os.makedirs(f"{WORK}/vae")
+    with open(f"{WORK}/vae/config.json", "w") as f:
+        json.dump(autoencoder.config, f)
+    torch.save(autoencoder.state_dict(), f"{WORK}/vae/diffusion_pytorch_model.bin")
     inception = fid.InceptionV3()
     # He-scaled weights and sane BatchNorm statistics: the features neither vanish nor explode
     fill_inception(inception)
