@@ -436,7 +436,7 @@ def find_model(name_or_path):
 def main():
     """python dit.py: the table of DiT configs (Table 4 of the paper), parameters and Gflops."""
     parser = argparse.ArgumentParser(description="The DiT configs: parameters and Gflops per image")
-    parser.add_argument("--image-size", type=int, default=256, help="256 (default) or 512")
+    parser.add_argument("--image-size", type=int, default=256, help="pixels (default: 256)")
     size = parser.parse_args().image_size
     print(f"{'model':10s} {'params (M)':>11s} {'Gflops':>8s}   ({size}x{size} images)")
     for name, make in DiT_models.items():

@@ -230,11 +230,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description="Sample a grid of images, or an "
                                 "FID set, from a DiT.", epilog=EXAMPLES, formatter_class=Help)
     # unset, these come from a train.py checkpoint, else they are the official defaults
-    p.add_argument("--model", choices=list(dit.DiT_models), help="default: the checkpoint's, "
-                   "else DiT-XL/2")
+    p.add_argument("--model", choices=list(dit.DiT_models), help="DiT config (default: the "
+                   "checkpoint's, else DiT-XL/2)")
     p.add_argument("--vae", help="ema, mse, a Hugging Face repo id, a VAE folder or file, or none "
                    "for pixel models (default: the checkpoint's, else mse)")
-    p.add_argument("--image-size", type=count(1), help="default: the checkpoint's, else 256")
+    p.add_argument("--image-size", type=count(1), help="pixels (default: checkpoint's, else 256)")
     p.add_argument("--num-classes", type=count(1), help="default: the checkpoint's, else 1000")
     p.add_argument("--cfg-scale", type=number(0, math.inf), default=4.0, help="guidance (FID: 1.5)")
     p.add_argument("--num-sampling-steps", type=count(1), help="default: 250, dpm++: 20")
