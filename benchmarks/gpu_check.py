@@ -170,7 +170,7 @@ def setup():
     torch.manual_seed(0)
     autoencoder = vae.AutoencoderKL(**(TINY_VAE if SMOKE else {}))
     # a diffusers folder: config.json and the weights as a torch state dict
-    os.makedirs(f"{WORK}/vae")
+    os.makedirs(f"{WORK}/vae", exist_ok=True)
     with open(f"{WORK}/vae/config.json", "w") as f:
         json.dump(autoencoder.config, f)
     torch.save(autoencoder.state_dict(), f"{WORK}/vae/diffusion_pytorch_model.bin")
