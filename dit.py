@@ -433,6 +433,109 @@ def find_model(name_or_path):
     ckpt = load_checkpoint(name_or_path)
     return ckpt.get("ema", ckpt)
 
+#################################################################################
+#                  Fine-tuning: start from another DiT's weights                #
+#################################################################################
+
+def design(sd, config=None):
+    """What fine-tuning keeps of a DiT state dict: depth, width, heads, patch, MLP and block."""
+    try:
+        D, _, p, _ = sd["x_embedder.proj.weight"].shape
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        mlp = sd["blocks.0.mlp.fc1.weight"].shape[0]
+        ada = sd.get("blocks.0.adaLN_modulation.1.weight")
+        sd["y_embedder.embedding_table.weight"].shape
+    except (KeyError, ValueError, AttributeError, TypeError) as e:
+        raise ValueError(f"the checkpoint holds no DiT weights (missing or odd {e})") from None
+    block = "in-context" if ada is None else "adaLN-Zero" if len(ada) == 6 * D else "adaLN"
+    if "blocks.0.cross_attn.q.weight" in sd:
+        block = "cross-attention"
+    # a state dict does not store the head count: a train.py config does, the presets imply it
+    presets = {(f.keywords["depth"], f.keywords["hidden_size"]): f.keywords["num_heads"]
+               for f in DiT_models.values()}
+    heads = (config or {}).get("num_heads", presets.get((depth, D)))
+    return dict(depth=depth, hidden_size=D, num_heads=heads, patch_size=p, mlp_ratio=mlp / D,
+                block=block)
+
+def label_rows(model, old_K, init_classes):
+    """The old label rows the new classes start from: init_classes, all of them, or None."""
+    K = model.y_embedder.num_classes
+    if init_classes is None:
+        return list(range(K)) if K == old_K else None
+    if len(init_classes) != K:
+        raise ValueError(f"init_classes has {len(init_classes)} labels for {K} classes; give one "
+                         "old class per new class")
+    bad = [c for c in init_classes if not 0 <= c < old_K]
+    if bad:
+        raise ValueError(f"init_classes {bad} are not classes of the checkpoint, which has "
+                         f"{old_K} (0 to {old_K - 1})")
+    return list(init_classes)
+
+@torch.no_grad()
+def load_pretrained(model, state_dict, init_classes=None, config=None):
+    """Copy what fits of another DiT's weights into a new model -> a one-line report of it.
+
+    What cannot fit keeps the model's own (DiT's) init: the label table for another class count
+    (its class i from the old row init_classes[i] if given; the old null row is copied, so that
+    guidance works), the patch embedding and final linear for other channels; pos_embed is the
+    fixed one of the model's grid. Another depth, width, head count, patch or block is an error.
+    config: the weights' DiT config if known (train.py checkpoints store it); without it the last
+    label row is the null class, as in the official checkpoints.
+    """
+    sd = state_dict
+    theirs = design(sd, config)
+    mine = design(model.state_dict(), model.config)
+    if theirs["num_heads"] is None:
+        theirs["num_heads"] = mine["num_heads"]
+    differ = [f"{k} {theirs[k]} in the checkpoint, {mine[k]} in the model" for k in mine
+              if theirs[k] != mine[k]]
+    if differ:
+        raise ValueError(f"{'; '.join(differ)}: fine-tuning may change only the classes, the "
+                         "image size and the channels")
+    own = model.state_dict()
+    if set(own) != set(sd):
+        raise ValueError(f"the checkpoint and the model differ in {sorted(set(own) ^ set(sd))[0]}")
+    # what is rebuilt: name prefix -> why
+    rebuilt = {}
+    # the label table: old rows for the new classes, and the old null row for guidance
+    key = "y_embedder.embedding_table.weight"
+    K = model.y_embedder.num_classes
+    old_null = (config or {}).get("class_dropout_prob", 0.1) > 0 and len(sd[key]) > 1
+    old_K = len(sd[key]) - old_null
+    null = model.y_embedder.dropout_prob > 0
+    rows = label_rows(model, old_K, init_classes)
+    if rows != list(range(K)) or null != old_null:
+        if rows is not None:
+            own[key][:K] = sd[key][rows].to(own[key].dtype)
+        if null and old_null:
+            own[key][K] = sd[key][old_K]
+        shown = " ".join(map(str, (rows or [])[:8])) + " ..." * (len(rows or []) > 8)
+        where = f"from its rows {shown}" if rows else "newly initialized"
+        copied = "copied" if old_null else "new"
+        rebuilt[key] = (f"label table for {K} classes (the checkpoint has {old_K}; classes "
+                        f"{where}" + f", null row {copied}" * null + ")")
+    # the fixed sin-cos position embedding of the model's grid
+    if own["pos_embed"].shape != sd["pos_embed"].shape:
+        old, new = (int(x.shape[1] ** 0.5) for x in (sd["pos_embed"], own["pos_embed"]))
+        rebuilt["pos_embed"] = f"pos_embed of the {new}x{new} patch grid (sin-cos; was {old}x{old})"
+    # the layers that touch the channels: pixels vs latents, or learn_sigma
+    for name, what in [("x_embedder.proj", "in_channels"), ("final_layer.linear", "out_channels")]:
+        old, new = (x[f"{name}.weight"].shape for x in (sd, own))
+        if old != new:
+            # (D, C, p, p) and (p * p * C, D)
+            old, new = (s[1] if what == "in_channels" else s[0] // mine["patch_size"] ** 2
+                        for s in (old, new))
+            rebuilt[name] = f"{name} for {what} {new} (was {old})"
+    kept = [k for k in own if any(k.startswith(name) for name in rebuilt)]
+    for k in own:
+        if k not in kept:
+            if own[k].shape != sd[k].shape:
+                raise ValueError(f"{k} has shape {tuple(sd[k].shape)} in the checkpoint, "
+                                 f"{tuple(own[k].shape)} in the model")
+            own[k].copy_(sd[k])
+    report = f"loaded {len(own) - len(kept)} of {len(own)} tensors"
+    return f"{report}; rebuilt {', '.join(rebuilt.values())}" if rebuilt else f"{report}: all"
+
 def main():
     """python dit.py: the table of DiT configs (Table 4 of the paper), parameters and Gflops."""
     parser = argparse.ArgumentParser(description="The DiT configs: parameters and Gflops per image")

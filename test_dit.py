@@ -3346,3 +3346,132 @@ def test_gpu_check_smoke_runs_every_path(tmp_path):
     assert checks["torchrun train.py, 2 process(es)"]["status"] == "pass"
     assert checks["train.py stop + --resume"]["value"] == 0
     assert "| check | status | value | note |" in run.stdout
+
+
+#################################################################################
+#                          Fine-tuning (--init-from)                            #
+#################################################################################
+
+def ft_source(seed=0, **kwargs):
+    """A tiny latent DiT (8x8 latents, 10 classes) with every tensor random, and its state dict."""
+    torch.manual_seed(seed)
+    model = tiny_dit(**kwargs)
+    fill_(model.state_dict(), seed + 1)
+    return model, model.state_dict()
+
+
+def ft_target(seed=1, **kwargs):
+    """A fresh tiny DiT (the width, depth, heads and patch of ft_source), and a copy of its init."""
+    torch.manual_seed(seed)
+    model = dit.DiT(**{**dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4,
+                              num_classes=10), **kwargs})
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_dit_load_pretrained_other_classes_size_and_channels():
+    """Every tensor that fits is the source's; the rest keeps DiT's init; chosen rows, null row."""
+    source, sd = ft_source()
+    model, init = ft_target(input_size=16, in_channels=3, num_classes=3)
+    report = dit.load_pretrained(model, sd, init_classes=[7, 1, 2], config=source.config)
+    rebuilt = ("pos_embed", "x_embedder.proj.", "final_layer.linear.",
+               "y_embedder.embedding_table.weight")
+    for k, v in model.state_dict().items():
+        if not k.startswith(rebuilt):
+            assert torch.equal(v, sd[k]), k
+    table = model.y_embedder.embedding_table.weight
+    assert table.shape == (4, 64)
+    assert torch.equal(table[:3], sd["y_embedder.embedding_table.weight"][[7, 1, 2]])
+    # the null row: the source's last row
+    assert torch.equal(table[3], sd["y_embedder.embedding_table.weight"][10])
+    # the new grid's sin-cos embedding, the new channels' layers as DiT initializes them
+    assert torch.equal(model.pos_embed[0], dit.get_2d_sincos_pos_embed(64, 8).float())
+    for k in ("pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias",
+              "final_layer.linear.weight", "final_layer.linear.bias"):
+        assert torch.equal(model.state_dict()[k], init[k]), k
+    assert model.x_embedder.proj.weight.shape == (64, 3, 2, 2)
+    assert model.final_layer.linear.weight.shape == (2 * 2 * 6, 64)
+    assert not model.final_layer.linear.weight.any()
+    assert report == ("loaded 26 of 32 tensors; rebuilt label table for 3 classes (the checkpoint "
+                      "has 10; classes from its rows 7 1 2, null row copied), pos_embed of the 8x8 "
+                      "patch grid (sin-cos; was 4x4), x_embedder.proj for in_channels 3 (was 4), "
+                      "final_layer.linear for out_channels 6 (was 8)")
+
+
+def test_dit_load_pretrained_new_classes_start_as_dit_does():
+    """Another class count without init_classes: N(0, 0.02) rows as DiT's init, the old null row."""
+    _, sd = ft_source()
+    model, init = ft_target(num_classes=300)
+    report = dit.load_pretrained(model, sd)
+    table = model.y_embedder.embedding_table.weight
+    assert torch.equal(table[:300], init["y_embedder.embedding_table.weight"][:300])
+    assert abs(table[:300].std().item() - 0.02) < 0.001
+    assert torch.equal(table[300], sd["y_embedder.embedding_table.weight"][10])
+    assert "label table for 300 classes (the checkpoint has 10; classes newly initialized, null " \
+           "row copied)" in report and report.startswith("loaded 31 of 32 tensors")
+
+
+def test_dit_load_pretrained_same_model_or_larger_image_loads_every_weight():
+    """Same config: everything; 2x the image size: every weight, pos_embed for the new grid."""
+    _, sd = ft_source()
+    model, _ = ft_target()
+    assert dit.load_pretrained(model, sd) == "loaded 32 of 32 tensors: all"
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    model, init = ft_target(input_size=16)
+    report = dit.load_pretrained(model, sd)
+    assert report == ("loaded 31 of 32 tensors; rebuilt pos_embed of the 8x8 patch grid (sin-cos; "
+                      "was 4x4)")
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items() if k != "pos_embed")
+    assert torch.equal(model.pos_embed, init["pos_embed"])
+
+
+def test_dit_load_pretrained_init_classes_may_reorder_the_same_count():
+    _, sd = ft_source()
+    model, _ = ft_target()
+    order = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    report = dit.load_pretrained(model, sd, init_classes=order)
+    table = sd["y_embedder.embedding_table.weight"]
+    assert torch.equal(model.y_embedder.embedding_table.weight, table[order + [10]])
+    assert "classes from its rows 9 8 7 6 5 4 3 2 ..." in report
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(depth=3), "depth 2 in the checkpoint, 3 in the model"),
+    (dict(hidden_size=32, num_heads=2), "hidden_size 64 in the checkpoint, 32 in the model"),
+    (dict(num_heads=2), "num_heads 4 in the checkpoint, 2 in the model"),
+    (dict(patch_size=4), "patch_size 2 in the checkpoint, 4 in the model"),
+    (dict(mlp_ratio=2.0), "mlp_ratio 4.0 in the checkpoint, 2.0 in the model"),
+    (dict(block="cross-attention"), "block adaLN-Zero in the checkpoint, cross-attention in the"),
+], ids=["depth", "width", "heads", "patch", "mlp", "block"])
+def test_dit_load_pretrained_refuses_another_transformer(change, message):
+    source, sd = ft_source()
+    model, init = ft_target(**change)
+    with pytest.raises(ValueError) as e:
+        dit.load_pretrained(model, sd, config=source.config)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert "fine-tuning may change only the classes, the image size and the channels" in \
+        str(e.value)
+    # nothing was copied
+    assert all(torch.equal(v, init[k]) for k, v in model.state_dict().items())
+
+
+def test_dit_load_pretrained_head_count_of_a_bare_state_dict_is_the_preset():
+    """An official-style state dict stores no head count: a preset's (DiT-S: 6) is checked."""
+    with torch.device("meta"):
+        sd = dit.create_dit("DiT-S/8", input_size=8).state_dict()
+        model = dit.create_dit("DiT-S/8", input_size=8, num_heads=4)
+    with pytest.raises(ValueError, match="num_heads 6 in the checkpoint, 4 in the model"):
+        dit.load_pretrained(model, sd)
+
+
+@pytest.mark.parametrize("sd, classes, message", [
+    ({"model": {}}, None, "the checkpoint holds no DiT weights (missing or odd "
+                          "'x_embedder.proj.weight')"),
+    (None, [1, 2], "init_classes has 2 labels for 10 classes; give one old class per new class"),
+    (None, [10] * 10, "init_classes [10, 10, 10, 10, 10, 10, 10, 10, 10, 10] are not classes of "
+                      "the checkpoint, which has 10 (0 to 9)"),
+], ids=["not-a-dit", "init-classes-count", "init-classes-range"])
+def test_dit_load_pretrained_bad_input_is_one_line(sd, classes, message):
+    model, _ = ft_target()
+    with pytest.raises(ValueError) as e:
+        dit.load_pretrained(model, sd or ft_source()[1], init_classes=classes)
+    assert str(e.value) == message
