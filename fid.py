@@ -25,6 +25,7 @@ WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_we
                "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 STATS = ("mu", "sigma", "mu_s", "sigma_s")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 #################################################################################
 #                    Inception v3, FID variant (TF graph 2015-12-05)             #
@@ -302,8 +303,8 @@ def _npz_batches(path, batch_size):
 
 def _folder_batches(path, batch_size):
     """(count, batches) of the images in a folder, sorted by name, as the RGB a viewer shows."""
-    endings = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-    files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.lower().endswith(endings)]
+    files = [os.path.join(path, f) for f in sorted(os.listdir(path))
+             if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise ValueError(f"{path}: no images ({', '.join(endings)}) in this folder")
     def load(file, size=None):
