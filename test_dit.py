@@ -2409,6 +2409,26 @@ def test_diffusion_dpm_solver_matches_diffusers(key):
     assert all(t.dtype == torch.int64 for _, t in calls)
 
 
+@pytest.mark.parametrize("key", ["toy_10", "toy_20"])
+def test_diffusion_dpm_solver_x0_prediction_matches_diffusers(key):
+    # predict_xstart=True: the model's output is x0 itself (diffusers' prediction_type="sample")
+    g = GOLDEN["dpm_solver_x0"][key]
+    z = randn(g["noise_shape"], g["noise_seed"])
+    for learn_sigma in (False, True):
+        d = create_diffusion("", predict_xstart=True, learn_sigma=learn_sigma)
+        calls = []
+        x = d.dpm_solver_sample_loop(recording(toy_model, calls), z.shape, z,
+                                     num_steps=g["num_steps"], device="cpu")
+        assert_sum_and_proj8(x, g["result"])
+        assert [t[0].item() for _, t in calls] == g["timesteps"]
+
+
+def test_diffusion_unsupported_mean_type_is_refused():
+    betas = diffusion.get_named_beta_schedule("linear", 10)
+    with pytest.raises(ValueError, match="mean_type 'v' is unsupported; use 'epsilon' or 'x_s"):
+        diffusion.GaussianDiffusion(betas, mean_type="v")
+
+
 def test_diffusion_dpm_solver_timesteps_are_diffusers_linspace():
     d = create_diffusion("")
     for g in [v for k, v in GOLDEN["dpm_solver"].items() if k != "about"]:
