@@ -1531,6 +1531,25 @@ def test_fid_npz_folder_array_tensor_give_the_same_images(tmp_path):
         assert torch.equal(fid_batches(source), x)
 
 
+def test_fid_folder_of_tif_files_is_read(tmp_path):
+    x = fid_images(3, 8, 11)
+    for i, name in enumerate(["a.tif", "b.TIF", "c.tiff"]):
+        Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(tmp_path / name)
+    assert torch.equal(fid_batches(str(tmp_path)), x)
+
+
+@pytest.mark.parametrize("ext", fid.IMAGE_EXTENSIONS)
+def test_fid_folder_reads_every_image_extension(tmp_path, ext):
+    # one list for fid.py and train.py's datasets: each ending, lossy ones and gray .pgm too
+    x = fid_images(1, 8, 12)
+    im = Image.fromarray(x[0].permute(1, 2, 0).numpy())
+    (im.convert("L") if ext == ".pgm" else im).save(tmp_path / f"0{ext}")
+    y = fid_batches(str(tmp_path))
+    assert y.shape == x.shape
+    if ext not in (".jpg", ".jpeg", ".webp", ".pgm"):
+        assert torch.equal(y, x)
+
+
 def test_fid_npz_and_tensor_give_the_same_features(fid_inception, tmp_path):
     x = fid_images(2, 32, 10)
     np.savez(tmp_path / "s.npz", x.permute(0, 2, 3, 1).numpy())
