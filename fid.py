@@ -221,7 +221,7 @@ def load_inception(path=None, device="cpu"):
     """
     The FID Inception (InceptionV3), BatchNorm folded, in eval mode, without gradients.
 
-    :param path: INCEPTION_FILE; None: cache_dir()/INCEPTION_FILE, downloaded once from
+    :param path: a copy of INCEPTION_FILE; None: cache_dir()/INCEPTION_FILE, downloaded once from
                  $DIT_INCEPTION_URL (default WEIGHTS_URL) and checked against WEIGHTS_SHA256.
     :param device: where the model runs, e.g. "cuda".
     :return: the model: uint8 images (N, 3, H, W) -> (pool3, spatial, logits).
