@@ -492,7 +492,7 @@ def run(args, rank, world_size, device):
         dist.barrier()
     if args.check:
         # what was loaded from where, and whether fid.py's Inception weights are there
-        inception = os.path.join(dit.cache_dir(), os.path.basename(fid.WEIGHTS_URL))
+        inception = os.path.join(dit.cache_dir(), fid.INCEPTION_FILE)
         found = "found" if os.path.isfile(inception) else "missing (needed by fid.py only)"
         print(f"DiT checkpoint: {ckpt_path} ({dit.describe_state_dict(model.state_dict())})\n"
               f"VAE: {args.vae}, loaded\n"

@@ -1536,6 +1536,25 @@ def test_fid_npz_folder_array_tensor_give_the_same_images(tmp_path):
         assert torch.equal(fid_batches(source), x)
 
 
+def test_fid_folder_of_tif_files_is_read(tmp_path):
+    x = fid_images(3, 8, 11)
+    for i, name in enumerate(["a.tif", "b.TIF", "c.tiff"]):
+        Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(tmp_path / name)
+    assert torch.equal(fid_batches(str(tmp_path)), x)
+
+
+@pytest.mark.parametrize("ext", fid.IMAGE_EXTENSIONS)
+def test_fid_folder_reads_every_image_extension(tmp_path, ext):
+    # one list for fid.py and train.py's datasets: each ending, lossy ones and gray .pgm too
+    x = fid_images(1, 8, 12)
+    im = Image.fromarray(x[0].permute(1, 2, 0).numpy())
+    (im.convert("L") if ext == ".pgm" else im).save(tmp_path / f"0{ext}")
+    y = fid_batches(str(tmp_path))
+    assert y.shape == x.shape
+    if ext not in (".jpg", ".jpeg", ".webp", ".pgm"):
+        assert torch.equal(y, x)
+
+
 def test_fid_npz_and_tensor_give_the_same_features(fid_inception, tmp_path):
     x = fid_images(2, 32, 10)
     np.savez(tmp_path / "s.npz", x.permute(0, 2, 3, 1).numpy())
@@ -2412,6 +2431,26 @@ def test_diffusion_dpm_solver_matches_diffusers(key):
     # the model is called once per step with the integer timestep, repeated over the batch
     assert [t.tolist() for _, t in calls] == [[s] * len(noise) for s in g["timesteps"]]
     assert all(t.dtype == torch.int64 for _, t in calls)
+
+
+@pytest.mark.parametrize("key", ["toy_10", "toy_20"])
+def test_diffusion_dpm_solver_x0_prediction_matches_diffusers(key):
+    # predict_xstart=True: the model's output is x0 itself (diffusers' prediction_type="sample")
+    g = GOLDEN["dpm_solver_x0"][key]
+    z = randn(g["noise_shape"], g["noise_seed"])
+    for learn_sigma in (False, True):
+        d = create_diffusion("", predict_xstart=True, learn_sigma=learn_sigma)
+        calls = []
+        x = d.dpm_solver_sample_loop(recording(toy_model, calls), z.shape, z,
+                                     num_steps=g["num_steps"], device="cpu")
+        assert_sum_and_proj8(x, g["result"])
+        assert [t[0].item() for _, t in calls] == g["timesteps"]
+
+
+def test_diffusion_unsupported_mean_type_is_refused():
+    betas = diffusion.get_named_beta_schedule("linear", 10)
+    with pytest.raises(ValueError, match="mean_type 'v' is unsupported; use 'epsilon' or 'x_s"):
+        diffusion.GaussianDiffusion(betas, mean_type="v")
 
 
 def test_diffusion_dpm_solver_timesteps_are_diffusers_linspace():
