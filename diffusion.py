@@ -113,6 +113,8 @@ class GaussianDiffusion:
     # loss_type: "mse", "rescaled_mse", "kl" or "rescaled_kl"
     def __init__(self, betas, timestep_map=None, mean_type="epsilon", var_type="learned_range",
                  loss_type="mse"):
+        if mean_type not in ("epsilon", "x_start"):
+            raise ValueError(f"mean_type {mean_type!r} is unsupported; use 'epsilon' or 'x_start'")
         one = torch.ones(1, dtype=torch.float64)
         if timestep_map is not None:
             # respacing: new betas that give the kept steps' alpha_bar exactly
@@ -232,7 +234,18 @@ class GaussianDiffusion:
         return torch.where(t == 0, mean_flat(nll) / math.log(2.0), kl)
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
-        """Per-sample losses {"loss", "mse", "vb"}: the hybrid objective of Improved DDPM."""
+        """
+        Per-sample losses {"loss", "mse", "vb"}: the hybrid objective of Improved DDPM.
+
+        :param model: called as model(x_t, t, **model_kwargs) -> (N, C, ...), or (N, 2C, ...)
+                      with learned sigma; t are the original timesteps.
+        :param x_start: (N, C, ...) float clean data, e.g. scaled VAE latents.
+        :param t: (N,) int64 timestep indices into this diffusion, 0 <= t < num_timesteps.
+        :param model_kwargs: extra model arguments, e.g. dict(y=labels); None: none.
+        :param noise: (N, C, ...) the Gaussian noise of q_sample; None: drawn with randn_like.
+        :return: dict of (N,) float32 tensors: "loss", and "mse" and "vb" for the MSE losses
+                 ("vb" only with learned sigma); only "loss" for the KL losses.
+        """
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise=noise)
         if self.loss_type in ("kl", "rescaled_kl"):
@@ -306,13 +319,25 @@ class GaussianDiffusion:
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
                       device=None, progress=False):
-        """DDPM sampling: returns x_0 of the given shape, starting from `noise` (or fresh noise)."""
+        """
+        DDPM sampling: returns x_0 of the given shape.
+
+        :param model: called as model(x_t, t, **model_kwargs), t (N,) int64 original timesteps;
+                      e.g. a DiT's forward, or forward_with_cfg with cfg_scale in model_kwargs.
+        :param shape: (N, C, H, W) of the samples.
+        :param noise: x_T of that shape; None: torch.randn on `device`.
+        :param clip_denoised: clamp each predicted x_0 to [-1, 1] (pixels; False for latents).
+        :param model_kwargs: extra model arguments, e.g. dict(y=labels, cfg_scale=4.0).
+        :param device: where to sample; None: the model's device (the CPU for a plain function).
+        :param progress: print a progress line to stderr.
+        :return: (N, C, H, W) float32 samples x_0.
+        """
         return self._loop(self.p_sample, model, shape, noise, device, progress,
                           clip_denoised=clip_denoised, model_kwargs=model_kwargs)
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
                          device=None, progress=False, eta=0.0):
-        """DDIM sampling: returns x_0 of the given shape."""
+        """DDIM sampling; arguments as p_sample_loop's; eta: 0 deterministic, 1 DDPM-like."""
         return self._loop(self.ddim_sample, model, shape, noise, device, progress,
                           clip_denoised=clip_denoised, model_kwargs=model_kwargs, eta=eta)
 
@@ -329,7 +354,15 @@ class GaussianDiffusion:
 
     def dpm_solver_sample_loop(self, model, shape, noise=None, num_steps=20, clip_denoised=False,
                                model_kwargs=None, device=None, progress=False):
-        """DPM-Solver++(2M) sampling in num_steps model calls, as diffusers does; returns x_0."""
+        """
+        DPM-Solver++(2M) sampling in num_steps model calls, as diffusers does; returns x_0.
+
+        Needs the full schedule, create_diffusion(""). The model predicts epsilon or, built with
+        predict_xstart=True, x_0; other arguments as p_sample_loop's (clip_denoised clamps x_0).
+
+        :param num_steps: model calls, 1 to num_timesteps; 20 is a good default.
+        :return: (N, C, H, W) samples x_0; nothing is random but the start noise.
+        """
         timesteps = self.dpm_solver_timesteps(num_steps)
         device, x = self._start(model, shape, noise, device)
         kwargs = model_kwargs or {}
@@ -348,10 +381,10 @@ class GaussianDiffusion:
         start = time.time()
         for i, s in enumerate(timesteps):
             t = torch.full((x.shape[0],), s, device=device)
-            # epsilon: the first C channels (a learned-sigma model's variance channels are dropped)
-            eps = model(x, t, **model_kwargs)[:, : x.shape[1]]
-            # the data prediction x0 = (x_s - sigma_s eps) / alpha_s, which DPM-Solver++ integrates
-            x0 = (x - sigma[i] * eps) / alpha[i]
+            # the first C channels (a learned-sigma model's variance channels are dropped)
+            out = model(x, t, **model_kwargs)[:, : x.shape[1]]
+            # DPM-Solver++ integrates the data prediction x0 = (x_s - sigma_s eps) / alpha_s
+            x0 = out if self.mean_type == "x_start" else (x - sigma[i] * out) / alpha[i]
             if clip_denoised:
                 x0 = x0.clamp(-1, 1)
             # h = lambda_t - lambda_s from s to the next timestep t (inf at the end: sigma_t = 0)
@@ -373,7 +406,20 @@ class GaussianDiffusion:
 def create_diffusion(timestep_respacing, noise_schedule="linear", use_kl=False, sigma_small=False,
                      predict_xstart=False, learn_sigma=True, rescale_learned_sigmas=False,
                      diffusion_steps=1000):
-    """The official factory: "" keeps all steps; "250", "ddim50" or "10,10,5" respace them."""
+    """
+    The official factory of GaussianDiffusion.
+
+    :param timestep_respacing: "" or None keeps all steps; "250" (evenly spaced), "ddim50"
+                               (an integer stride) or "10,10,5" (counts per section) respace them.
+    :param noise_schedule: "linear" (DDPM, DiT's) or "cosine" (IDDPM).
+    :param use_kl: train on the VLB alone (rescaled KL) instead of the hybrid loss.
+    :param sigma_small: with learn_sigma=False, the posterior variance instead of beta_t.
+    :param predict_xstart: the model predicts x_0 instead of epsilon.
+    :param learn_sigma: the model also outputs C channels that interpolate the log-variance.
+    :param rescale_learned_sigmas: scale the VLB term by num_timesteps / 1000.
+    :param diffusion_steps: training steps T.
+    :return: a GaussianDiffusion over the kept timesteps.
+    """
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     loss_type = "rescaled_kl" if use_kl else "rescaled_mse" if rescale_learned_sigmas else "mse"
     if timestep_respacing is None or timestep_respacing == "":

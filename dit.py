@@ -243,7 +243,15 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x, t, y):
-        """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels -> (N, out_channels, H, W)."""
+        """
+        The model's prediction for a noisy batch.
+
+        :param x: (N, in_channels, H, W) float noisy latents (or pixels), H = W = input_size.
+        :param t: (N,) timesteps in [0, 1000), int or float (fractional ones embed too).
+        :param y: (N,) int64 labels in [0, num_classes]; num_classes is the null label (CFG).
+        :return: (N, out_channels, H, W): the prediction (epsilon for the released models),
+                 then with learn_sigma the C channels that interpolate the log-variance.
+        """
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p ** 2
         t = self.t_embedder(t)                   # (N, D)
         y = self.y_embedder(y, self.training)    # (N, D)
@@ -268,9 +276,19 @@ class DiT(nn.Module):
         return self.unpatchify(x)                # (N, out_channels, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3, cfg_interval=None):
-        """Classifier-free guidance over a batch [x, x] with labels [y, null]."""
-        # The release guides only the first 3 channels (its FIDs used that); None guides them all.
-        # cfg_interval=(lo, hi): guidance only where lo < t <= hi (Kynkaanniemi et al. 2024).
+        """
+        Classifier-free guidance: uncond + cfg_scale * (cond - uncond), on both halves.
+
+        :param x: (2N, C, H, W) the batch [x, x]; only the first half is read.
+        :param t: (2N,) timesteps, as forward's.
+        :param y: (2N,) labels [y, null]: the null label num_classes in the second half.
+        :param cfg_scale: guidance scale; 1.0 gives the conditional prediction.
+        :param cfg_channels: guide the first k output channels; 3 as the release (its FIDs
+                             used that), None all in_channels.
+        :param cfg_interval: (lo, hi): guide only where lo < t <= hi (Kynkaanniemi et al.
+                             2024), the conditional prediction elsewhere; None: everywhere.
+        :return: (2N, out_channels, H, W), the guided prediction twice.
+        """
         half = x[: len(x) // 2]
         model_out = self.forward(torch.cat([half, half], dim=0), t, y)
         k = self.in_channels if cfg_channels is None else cfg_channels
@@ -324,7 +342,7 @@ def describe_state_dict(sd):
         classes = sd["y_embedder.embedding_table.weight"].shape[0]
     except (KeyError, ValueError, AttributeError, TypeError) as e:
         return f"no DiT weights (missing or odd {e})"
-    sizes = {(28, 1152): "XL", (24, 1024): "L", (12, 768): "B", (12, 384): "S"}
+    sizes = {(depth, hidden): name for name, (depth, hidden, _) in SIZES.items()}
     name = sizes.get((depth, D), "custom")
     latent = f"{size}x{size} latents ({size * 8}x{size * 8} images with an 8x VAE)"
     where = f"{size}x{size} pixels" if C == 3 else latent
@@ -354,16 +372,25 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
 #                                   DiT Configs                                 #
 #################################################################################
 
+# the model sizes of Table 1: name -> (depth, hidden_size, num_heads)
+SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+
 DiT_models = {
     f"DiT-{name}/{p}": functools.partial(DiT, depth=depth, hidden_size=hidden, patch_size=p,
                                          num_heads=heads)
-    for name, depth, hidden, heads in [("XL", 28, 1152, 16), ("L", 24, 1024, 16),
-                                       ("B", 12, 768, 12), ("S", 12, 384, 6)]
+    for name, (depth, hidden, heads) in SIZES.items()
     for p in (2, 4, 8)
 }
 
 def create_dit(model="DiT-XL/2", **overrides):
-    """A DiT of a config of DiT_models, with any DiT argument overridden (e.g. depth=4)."""
+    """
+    A DiT of a config of DiT_models, with any DiT argument overridden.
+
+    :param model: a key of DiT_models, "DiT-{S,B,L,XL}/{2,4,8}".
+    :param overrides: DiT arguments, e.g. input_size=32 (latent side: image size / 8),
+                      num_classes=10, in_channels=3 (pixels), depth=4, block="adaLN".
+    :return: a DiT with the official initialization, in train mode.
+    """
     if model not in DiT_models:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(DiT_models)}")
     params = list(inspect.signature(DiT).parameters)
@@ -404,7 +431,13 @@ def download(url, path, sha256=None, mirror=None):
     return path
 
 def load_checkpoint(name_or_path):
-    """What a checkpoint file holds (tensors, never code); official names are downloaded once."""
+    """
+    What a checkpoint file holds, loaded with weights_only (tensors, never code).
+
+    :param name_or_path: a file, or an official name of PRETRAINED, downloaded once into
+                         cache_dir() from $DIT_WEIGHTS_URL (default WEIGHTS_URL).
+    :return: the dict in the file: a state dict, or train.py's {"model", "ema", "opt", ...}.
+    """
     path = name_or_path
     if name_or_path in PRETRAINED:
         path = os.path.join(cache_dir(), name_or_path)
@@ -429,7 +462,7 @@ def load_checkpoint(name_or_path):
     return ckpt
 
 def find_model(name_or_path):
-    """The state dict of an official name or a path: a raw state dict, or a training run's EMA."""
+    """The state dict of load_checkpoint(name_or_path): the file's own, or a run's "ema"."""
     ckpt = load_checkpoint(name_or_path)
     return ckpt.get("ema", ckpt)
 

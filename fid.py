@@ -21,10 +21,14 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 
+# the FID Inception weights as pytorch-fid released them
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-               "pt_inception-2015-12-05-6726825d.pth")
+               + INCEPTION_FILE)
 WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 STATS = ("mu", "sigma", "mu_s", "sigma_s")
+# the image files read from folders (train.py's dataset too)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 #################################################################################
 #                    Inception v3, FID variant (TF graph 2015-12-05)             #
@@ -214,8 +218,15 @@ def download(url, path, sha256=None, mirror=None):
     return path
 
 def load_inception(path=None, device="cpu"):
-    """The FID Inception in eval mode, from path or from its download cached in cache_dir()."""
-    name = os.path.basename(WEIGHTS_URL)
+    """
+    The FID Inception (InceptionV3), BatchNorm folded, in eval mode, without gradients.
+
+    :param path: a copy of INCEPTION_FILE; None: cache_dir()/INCEPTION_FILE, downloaded once from
+                 $DIT_INCEPTION_URL (default WEIGHTS_URL) and checked against WEIGHTS_SHA256.
+    :param device: where the model runs, e.g. "cuda".
+    :return: the model: uint8 images (N, 3, H, W) -> (pool3, spatial, logits).
+    """
+    name = INCEPTION_FILE
     if path is None:
         path = os.path.join(cache_dir(), name)
         # DIT_INCEPTION_URL: a mirror, or a file:// URL
@@ -302,10 +313,10 @@ def _npz_batches(path, batch_size):
 
 def _folder_batches(path, batch_size):
     """(count, batches) of the images in a folder, sorted by name, as the RGB a viewer shows."""
-    endings = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-    files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.lower().endswith(endings)]
+    files = [os.path.join(path, f) for f in sorted(os.listdir(path))
+             if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
-        raise ValueError(f"{path}: no images ({', '.join(endings)}) in this folder")
+        raise ValueError(f"{path}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this folder")
     def load(file, size=None):
         """One image file as uint8 (H, W, 3), of the given size."""
         try:
@@ -325,7 +336,15 @@ def _folder_batches(path, batch_size):
     return len(files), batches()
 
 def image_batches(images, batch_size=50):
-    """(count, iterator of uint8 (B, 3, H, W)) of a .npz, a folder, an array or a tensor."""
+    """
+    The images to evaluate, batch by batch, read as they are needed.
+
+    :param images: an ADM .npz (arr_0: uint8 (N, H, W, 3)), a folder of IMAGE_EXTENSIONS files
+                   of one size (sorted by name; 16-bit scaled to 8, alpha on white), a uint8
+                   array (N, H, W, 3) or a uint8 tensor (N, 3, H, W).
+    :param batch_size: images per batch; the last may be smaller.
+    :return: (N, iterator of uint8 tensors (B, 3, H, W)).
+    """
     if batch_size < 1:
         raise ValueError(f"batch size must be a positive integer, got {batch_size}")
     if isinstance(images, (str, os.PathLike)):
@@ -343,7 +362,15 @@ def image_batches(images, batch_size=50):
 
 @torch.inference_mode()
 def compute_features(images, model, batch_size=50):
-    """Inception pool3 (N, 2048), spatial (N, 2023), logits (N, 1008) of images, numpy float32."""
+    """
+    The Inception features of images, with a progress line on stderr.
+
+    :param images: anything image_batches takes (.npz, folder, uint8 array or tensor).
+    :param model: load_inception()'s model; the images go to its device.
+    :param batch_size: images per forward pass.
+    :return: numpy float32 pool3 (N, 2048) for FID, precision and recall, spatial (N, 2023)
+             for sFID, logits (N, 1008) for the Inception Score.
+    """
     n, batches = image_batches(images, batch_size)
     device = next(model.parameters()).device
     out = [np.empty((n, d), np.float32) for d in (2048, 2023, 1008)]
@@ -370,13 +397,25 @@ def progress(what, done, total, start, unit=""):
 #################################################################################
 
 def statistics(features):
-    """Mean and covariance of features (N, D) as the evaluator computes them (float64)."""
+    """
+    FID statistics of features as the evaluator computes them.
+
+    :param features: (N, D) float array, N >= 2 (compute_features' pool3 or spatial).
+    :return: float64 mean (D,) and covariance (D, D) (np.cov, N - 1 normalized).
+    """
     if len(features) < 2:
         raise ValueError(f"FID needs at least 2 images per set, got {len(features)}")
     return features.mean(0, dtype=np.float64), np.cov(features, rowvar=False)
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2); eps on the diagonals if S1 S2 is singular."""
+    """
+    FID: |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2); eps on the diagonals if S1 S2 is singular.
+
+    :param mu1, sigma1: mean (D,) and covariance (D, D) of one set, as statistics() returns.
+    :param mu2, sigma2: the same of the other set (the order does not matter).
+    :param eps: added to both diagonals if the product's square root is not finite.
+    :return: the distance, a float >= 0 (up to rounding); lower is better.
+    """
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different features: {mu1.shape}/{sigma1.shape} vs "
                          f"{mu2.shape}/{sigma2.shape}")
@@ -398,7 +437,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 def inception_score(logits, split_size=5000):
-    """Mean over ordered splits of exp(E_x KL(p(y|x) || p(y))), p = softmax of the 1008 logits."""
+    """
+    Inception Score: mean over ordered splits of exp(E_x KL(p(y|x) || p(y))).
+
+    :param logits: (N, 1008) Inception logits (compute_features' third output); p = softmax.
+    :param split_size: images per split (the evaluator's 5000); the last may be smaller.
+    :return: the score, a float in [1, 1008]; higher is better.
+    """
     scores = []
     for i in range(0, len(logits), split_size):
         p = torch.from_numpy(np.asarray(logits[i:i + split_size])).double().softmax(1)  # (n, 1008)
@@ -424,7 +469,17 @@ def _radii(x, k, rows):
 
 @torch.inference_mode()
 def precision_recall(ref, sample, k=3, rows=1000, device="cpu"):
-    """Improved precision (samples in the reference manifold) and recall (reference in samples')."""
+    """
+    Improved precision and recall (Kynkaanniemi et al. 2019) as the evaluator computes them.
+
+    :param ref: (N, D) reference pool3 features, N > k.
+    :param sample: (M, D) sample pool3 features, M > k.
+    :param k: the k-th nearest neighbour sets each point's radius (the evaluator's 3).
+    :param rows: rows of the distance matrix per pass, to bound memory.
+    :param device: torch device for the distances.
+    :return: (precision, recall) floats in [0, 1]: the share of samples inside the reference
+             manifold, and of reference points inside the samples'.
+    """
     if min(len(ref), len(sample)) <= k:
         raise ValueError(f"precision/recall need at least {k + 1} images per set, got {len(ref)} "
                          f"and {len(sample)}")
@@ -466,7 +521,15 @@ def read_stats(path):
     return tuple(stats[k] for k in STATS) if stats else None, has_images or not stats
 
 def reference(path, model, batch_size):
-    """((mu, sigma), (mu_s, sigma_s), pool3 or None); a reference's stored statistics win (ADM)."""
+    """
+    A reference set's statistics; stored ones win over its images, as ADM's evaluator.
+
+    :param path: an ADM .npz (images and/or mu, sigma, mu_s, sigma_s), a fid.py --save-stats
+                 file, or a folder of images.
+    :param model: load_inception()'s model (used only if images must be read).
+    :param batch_size: images per forward pass.
+    :return: ((mu, sigma), (mu_s, sigma_s), pool3 features or None if no images were read).
+    """
     stats, read_images = read_stats(path)
     pool = None
     if read_images:
@@ -517,7 +580,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device for the Inception network and precision/recall")
-    p.add_argument("--inception", metavar="PATH", help=f"{os.path.basename(WEIGHTS_URL)}; "
+    p.add_argument("--inception", metavar="PATH", help=f"{INCEPTION_FILE}; "
                    "None: downloaded once into $DIT_CACHE (~/.cache/dit)")
     p.add_argument("--save-stats", metavar="NPZ", help="write REF's mu, sigma, mu_s, sigma_s here")
     args = p.parse_args()

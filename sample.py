@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import zipfile
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import dit
+import fid
 from diffusion import create_diffusion, progress
 from vae import load_vae
 
@@ -47,21 +49,39 @@ def default_labels(num_classes, n=8):
         return (CLASS_LABELS * math.ceil(n / 8))[:n]
     return [i % num_classes for i in range(n)]
 
-def sampling_loop(sampler, num_steps, eta=0.0):
-    """loop(model_fn, shape, noise, ...) -> x_0 of "ddpm", "ddim" or "dpm++" in num_steps calls."""
+def sampling_loop(sampler, num_steps, eta=0.0, progress=False):
+    """loop(model_fn, shape, noise, ...) -> x_0 of "ddpm", "ddim" or "dpm++" in num_steps calls.
+
+    :param sampler: "ddpm" (the official sampler), "ddim" or "dpm++" (DPM-Solver++(2M)).
+    :param num_steps: model evaluations; DDPM and DDIM respace the 1000 training steps.
+    :param eta: DDIM's noise (0: deterministic); ignored by the other samplers.
+    :param progress: print a progress line with an ETA to stderr.
+    """
     if sampler == "dpm++":
         # DPM-Solver++ picks its own timesteps out of all 1000 (checked here, before sampling)
         diffusion = create_diffusion("")
         diffusion.dpm_solver_timesteps(num_steps)
-        return functools.partial(diffusion.dpm_solver_sample_loop, num_steps=num_steps)
-    if sampler == "ddim":
-        return functools.partial(create_diffusion(f"ddim{num_steps}").ddim_sample_loop, eta=eta)
-    return create_diffusion(str(num_steps)).p_sample_loop
+        loop = functools.partial(diffusion.dpm_solver_sample_loop, num_steps=num_steps)
+    elif sampler == "ddim":
+        loop = functools.partial(create_diffusion(f"ddim{num_steps}").ddim_sample_loop, eta=eta)
+    else:
+        loop = create_diffusion(str(num_steps)).p_sample_loop
+    return functools.partial(loop, progress=progress)
 
-def sample(model, loop, z, y, cfg_scale=None, cfg_channels=3, cfg_interval=None,
-           clip_denoised=False, precision="fp32", show_progress=False):
-    """Noise z (N, C, h, w) and labels y (N,) -> x_0 (N, C, h, w); guided if cfg_scale is set."""
-    if cfg_scale is None:
+def sample(model, loop, z, y, guidance=None, clip_denoised=False):
+    """Sample x_0 from noise z for labels y, with classifier-free guidance if asked.
+
+    :param model: a DiT (in eval mode).
+    :param loop: a sampling loop from sampling_loop().
+    :param z: the noise x_T, (N, C, h, w) float, on the model's device.
+    :param y: the class labels, (N,) int64 in [0, num_classes).
+    :param guidance: None (unguided), or forward_with_cfg's keyword arguments: cfg_scale (the
+                     official sample.py uses 4.0), cfg_channels (3: the official code guides the
+                     first 3 channels; None: all) and cfg_interval ((lo, hi): only lo < t <= hi).
+    :param clip_denoised: clip predicted x_0 to [-1, 1] (pixel models; latents are not clipped).
+    :return: x_0, (N, C, h, w). Under torch.autocast (see autocast()), the model runs in bf16.
+    """
+    if guidance is None:
         fn = model.forward
         model_kwargs = dict(y=y)
     else:
@@ -69,39 +89,40 @@ def sample(model, loop, z, y, cfg_scale=None, cfg_channels=3, cfg_interval=None,
         null = torch.full_like(y, model.config["num_classes"])
         z = torch.cat([z, z], 0)
         fn = model.forward_with_cfg
-        model_kwargs = dict(y=torch.cat([y, null], 0), cfg_scale=cfg_scale,
-                            cfg_channels=cfg_channels, cfg_interval=cfg_interval)
-    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        x = loop(fn, z.shape, z, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                 device=z.device, progress=show_progress)
+        model_kwargs = dict(y=torch.cat([y, null], 0), **guidance)
+    x = loop(fn, z.shape, z, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+             device=z.device)
     # the conditional half
     return x[: len(y)]
 
-def decode(vae, x, precision="fp32"):
+def autocast(device, precision):
+    """The autocast context of --precision: bf16 matmuls, or nothing for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+def decode(vae, x):
     """Model-space samples -> images (N, 3, H, W) in about [-1, 1] (pixel models: as they are)."""
     if vae is None:
         return x.float()
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        return vae.decode(x / vae.scaling_factor + vae.shift_factor).float()
+    return vae.decode(x / vae.scaling_factor + vae.shift_factor).float()
 
 def to_uint8(x):
     """Images in [-1, 1] -> uint8, ADM's rounding (what the FID reference batches used)."""
     return torch.clamp(127.5 * x + 128, 0, 255).to(torch.uint8)
 
-def generate(model, vae, loop, num_images, batch_size, generator=None, cfg_scale=None,
-             cfg_channels=3, cfg_interval=None, clip_denoised=False, precision="fp32"):
-    """Batches (uint8 images (B, 3, H, W), labels (B,)) of random labels, as sample_ddp.py draws."""
-    # generator None draws from the global random state, as the official script
+def generate(model, vae, loop, n, generator=None, guidance=None):
+    """n images of random classes, drawn as the official sample_ddp.py draws them.
+
+    :param vae: the VAE that decodes latents, or None for a pixel model (then x_0 is clipped).
+    :param generator: a torch.Generator on the model's device; None: the global random state.
+    :param guidance: as for sample().
+    :return: (images, labels): uint8 (n, 3, H, W) and int64 (n,).
+    """
     device = next(model.parameters()).device
     size = model.config["input_size"]
-    for i in range(0, num_images, batch_size):
-        n = min(batch_size, num_images - i)
-        z = torch.randn(n, model.in_channels, size, size, generator=generator, device=device)
-        y = torch.randint(0, model.config["num_classes"], (n,), generator=generator,
-                          device=device)
-        x = sample(model, loop, z, y, cfg_scale, cfg_channels, cfg_interval, clip_denoised,
-                   precision)
-        yield to_uint8(decode(vae, x, precision)), y
+    z = torch.randn(n, model.in_channels, size, size, generator=generator, device=device)
+    y = torch.randint(0, model.config["num_classes"], (n,), generator=generator, device=device)
+    x = sample(model, loop, z, y, guidance, clip_denoised=vae is None)
+    return to_uint8(decode(vae, x)), y
 
 #################################################################################
 #                             Image files and FID sets                          #
@@ -132,6 +153,21 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+def remove_dead_writers_files(folder):
+    """Delete the temp files (<name>.<pid>.tmp) that writers killed mid-write left in folder."""
+    for name in os.listdir(folder):
+        match = re.fullmatch(r".+\.(\d+)\.tmp", name)
+        if match is None:
+            continue
+        try:
+            # signal 0 only asks whether the process exists
+            os.kill(int(match[1]), 0)
+        except ProcessLookupError:
+            os.remove(os.path.join(folder, name))
+        except PermissionError:
+            # another user's live process
+            pass
+
 def write_npz(path, chunks, shape):
     """Stream uint8 chunks into an .npz of one array arr_0 (as np.savez, with less memory)."""
     header = {"descr": "|u1", "fortran_order": False, "shape": shape}
@@ -151,33 +187,37 @@ def file_sha256(path):
             digest.update(chunk)
     return digest.hexdigest()
 
-def sample_fid(model, vae, loop, options, num_images, n, seed, out, config, rank, world_size):
-    """Sample num_images over all ranks, n per batch; rank 0 writes them to the .npz out."""
+def sample_fid(model, vae, loop, guidance, args, config):
+    """Sample --num-fid-samples over all ranks; rank 0 writes them to the .npz --out.
+
+    :param guidance: as for sample(), or None.
+    :param args: the flags: num_fid_samples, per_proc_batch_size, seed, out, precision.
+    :param config: what decides the images (the flags, the weights' sha256, the world size):
+                   finished batches of another config are never reused.
+    """
     device = next(model.parameters()).device
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    n = args.per_proc_batch_size
     # batches per rank; the images past num_images are dropped at the end
-    iters = math.ceil(num_images / (n * world_size))
-    parts = os.path.splitext(out)[0] + "_parts"
+    iters = math.ceil(args.num_fid_samples / (n * world_size))
+    parts = os.path.splitext(args.out)[0] + "_parts"
     # finished batches may only be reused by a run that would draw exactly the same images
     config_path = os.path.join(parts, "config.json")
     if rank == 0:
         os.makedirs(parts, exist_ok=True)
+        remove_dead_writers_files(parts)
         if not os.path.exists(config_path):
             atomic_write(config_path, lambda f: f.write(json.dumps(config, indent=1).encode()))
     if world_size > 1:
         dist.barrier()
-    with open(config_path) as f:
-        old = json.load(f)
-    if old != config:
-        diff = ", ".join(f"{k}: {old.get(k)} -> {config.get(k)}"
-                         for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k))
-        fail(f"{parts} holds batches sampled with other options ({diff}); delete it or pass "
-             "another --out")
+    check_parts_config(config_path, config)
     def shard(r, b):
         return os.path.join(parts, f"rank{r:03d}-batch{b:06d}.npz")
-    start = next((b for b in range(iters) if not os.path.exists(shard(rank, b))), iters)
+    start = finished_batches(shard, rank, iters)
     if start == 0:
         # per-rank seed, as the official sample_ddp.py
-        torch.manual_seed(seed * world_size + rank)
+        torch.manual_seed(args.seed * world_size + rank)
     else:
         # continue the random stream (of the device that draws the noise) where the last
         # finished batch left it
@@ -188,12 +228,13 @@ def sample_fid(model, vae, loop, options, num_images, n, seed, out, config, rank
         else:
             torch.set_rng_state(state)
     if rank == 0:
-        print(f"sampling {num_images} images: {world_size} process(es) x {iters} "
+        print(f"sampling {args.num_fid_samples} images: {world_size} process(es) x {iters} "
               f"batches of {n}, {start} batches already done, into {parts}", file=sys.stderr)
-    batches = generate(model, vae, loop, (iters - start) * n, n, **options)
     t0 = time.time()
     total = (iters - start) * n * world_size
-    for b, (images, labels) in enumerate(batches, start=start):
+    for b in range(start, iters):
+        with autocast(device, args.precision):
+            images, labels = generate(model, vae, loop, n, guidance=guidance)
         images = images.permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
         state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
         atomic_write(shard(rank, b), lambda f: np.savez(f, images=images,
@@ -204,9 +245,41 @@ def sample_fid(model, vae, loop, options, num_images, n, seed, out, config, rank
         dist.barrier()
     if rank == 0:
         size = model.config["input_size"] * (1 if vae is None else vae.downsample_factor)
-        shape = (num_images, size, size, 3)
-        write_npz(out, fid_chunks(shard, iters, world_size, num_images), shape)
-        print(f"saved {out} (arr_0: {shape} uint8)", file=sys.stderr)
+        shape = (args.num_fid_samples, size, size, 3)
+        write_npz(args.out, fid_chunks(shard, iters, world_size, args.num_fid_samples), shape)
+        print(f"saved {args.out} (arr_0: {shape} uint8)", file=sys.stderr)
+
+def check_parts_config(config_path, config):
+    """Refuse a _parts folder whose batches were sampled with other options."""
+    try:
+        with open(config_path) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"{config_path} cannot be read ({e}); delete its folder")
+    if old != config:
+        diff = ", ".join(f"{k}: {old.get(k)} -> {config.get(k)}"
+                         for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k))
+        fail(f"{os.path.dirname(config_path)} holds batches sampled with other options ({diff}); "
+             "delete it or pass another --out")
+
+def finished_batches(shard, rank, iters):
+    """How many of this rank's batches are done; a cut or empty one is sampled again."""
+    for b in range(iters):
+        try:
+            with np.load(shard(rank, b)) as f:
+                # reading every array checks the zip's CRCs: a damaged file fails here
+                [f[key] for key in ("images", "labels", "rng")]
+        except FileNotFoundError:
+            return b
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            print(f"sample.py: warning: {shard(rank, b)} is damaged ({e}); sampling it and "
+                  "the batches after it again", file=sys.stderr)
+            # the random stream continues from the batch before: later batches are redone too
+            for later in range(b, iters):
+                if os.path.exists(shard(rank, later)):
+                    os.remove(shard(rank, later))
+            return b
+    return iters
 
 def fid_chunks(shard, iters, world_size, total):
     """The first `total` images of the finished batches, in the official sample_ddp.py order."""
@@ -321,11 +394,17 @@ def check_args(args):
     if not args.num_fid_samples and extension not in Image.registered_extensions():
         fail(f"--out {args.out}: not an image file name (.png, .jpg, ...)")
 
-def apply_checkpoint(args, ckpt):
+def apply_checkpoint(args, ckpt, path):
     """Fill unset flags from the args a train.py checkpoint stores -> its DiT config or None."""
     saved = ckpt.get("args", {})
     # the official train.py stored an argparse.Namespace
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    types = dict(model=str, image_size=int, num_classes=int, vae=str, model_kwargs=(str, dict))
+    bad = not isinstance(saved, dict) or not isinstance(ckpt.get("config", {}), dict)
+    bad = bad or any(k in saved and not isinstance(saved[k], t) for k, t in types.items())
+    if bad:
+        fail(f"{path} stores its settings in a form train.py never writes; save its weights "
+             "alone (torch.save(ckpt['ema'], ...)) and pass --model, --image-size and the rest")
     explicit = args.model is not None or args.model_kwargs is not None
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
@@ -395,7 +474,7 @@ def run(args, rank, world_size, device):
     size = args.image_size or DEFAULTS["image_size"]
     ckpt_path = args.ckpt or os.path.join(dit.cache_dir(), f"DiT-XL-2-{size}x{size}.pt")
     ckpt = dit.load_checkpoint(args.ckpt or os.path.basename(ckpt_path))
-    config = apply_checkpoint(args, ckpt)
+    config = apply_checkpoint(args, ckpt, ckpt_path)
     # Loading the VAE draws no random numbers (as diffusers' from_pretrained): it may come first.
     vae = None if args.vae == "none" else load_vae(args.vae, device=device)
     # The official code builds the model right after torch.manual_seed, and its random init draws
@@ -413,35 +492,35 @@ def run(args, rank, world_size, device):
         dist.barrier()
     if args.check:
         # what was loaded from where, and whether fid.py's Inception weights are there
-        inception = os.path.join(dit.cache_dir(), "pt_inception-2015-12-05-6726825d.pth")
+        inception = os.path.join(dit.cache_dir(), fid.INCEPTION_FILE)
         found = "found" if os.path.isfile(inception) else "missing (needed by fid.py only)"
         print(f"DiT checkpoint: {ckpt_path} ({dit.describe_state_dict(model.state_dict())})\n"
               f"VAE: {args.vae}, loaded\n"
               f"Inception weights for fid.py: {inception}: {found}\n"
               "everything needed to sample is in place")
         return
-    loop = sampling_loop(args.sampler, args.num_sampling_steps, args.eta)
+    guidance = dict(cfg_scale=args.cfg_scale, cfg_channels=None if args.cfg_all_channels else 3,
+                    cfg_interval=args.cfg_interval)
     if args.num_fid_samples:
         # the options that decide the images (not the output's name, not the checkpoint's path)
         ignored = ("num_fid_samples", "out", "ckpt")
         config = {k: v for k, v in vars(args).items() if k not in ignored}
         config.update(weights_sha256=file_sha256(ckpt_path), world_size=world_size,
                       device=device.type)
+        loop = sampling_loop(args.sampler, args.num_sampling_steps, args.eta)
         # as the official sample_ddp.py: a scale of 1 samples without the null batch
-        options = dict(cfg_scale=args.cfg_scale if args.cfg_scale > 1 else None,
-                       cfg_channels=None if args.cfg_all_channels else 3,
-                       cfg_interval=args.cfg_interval, clip_denoised=vae is None,
-                       precision=args.precision)
-        sample_fid(model, vae, loop, options, args.num_fid_samples, args.per_proc_batch_size,
-                   args.seed, args.out, config, rank, world_size)
+        sample_fid(model, vae, loop, guidance if args.cfg_scale > 1 else None, args, config)
         return
+    # a grid, as the official sample.py: always guided (the null batch even at scale 1)
+    loop = sampling_loop(args.sampler, args.num_sampling_steps, args.eta, progress=True)
     labels = args.labels or default_labels(args.num_classes)
     size = model.config["input_size"]
     z = torch.randn(len(labels), model.in_channels, size, size, device=device)
     y = torch.tensor(labels, device=device)
-    x = sample(model, loop, z, y, args.cfg_scale, None if args.cfg_all_channels else 3,
-               args.cfg_interval, vae is None, args.precision, show_progress=True)
-    grid = make_grid(to_uint8(decode(vae, x, args.precision)))
+    with autocast(device, args.precision):
+        x = sample(model, loop, z, y, guidance, clip_denoised=vae is None)
+        images = to_uint8(decode(vae, x))
+    grid = make_grid(images)
     file_format = Image.registered_extensions()[os.path.splitext(args.out)[1].lower()]
     atomic_write(args.out, lambda f: Image.fromarray(grid).save(f, format=file_format))
     print(f"saved {args.out} ({len(labels)} images, classes {labels})", file=sys.stderr)

@@ -25,12 +25,15 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 import types
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -947,7 +950,9 @@ def test_train_latent_cache_ddp_and_same_inputs(ddp_runs):
     assert ckpt["model"]["x_embedder.proj.weight"].shape[1] == 4
     v = vae.load_vae(str(root / "vae"))
     _, samples = train.find_images(str(root / "data"))
-    images, cache = train.ImageFolder(samples, 16), train.LatentCache(str(root / "cache"))
+    with open(root / "cache" / "meta.json") as f:
+        meta = json.load(f)
+    images, cache = train.ImageFolder(samples, 16), train.LatentCache(str(root / "cache"), meta)
     assert list(cache.labels) == [0] * 7 + [1] * 6
     # rows written by both ranks
     for i in range(13):
@@ -969,7 +974,7 @@ def test_train_latent_cache_ddp_and_same_inputs(ddp_runs):
               "--image-size", "16", "--num-classes", "2", "--global-batch-size", "2",
               "--model-kwargs", TINY_LATENT, "--results-dir", str(root / "d"), "--max-steps", "1"]
     run_inline([*common, "--latent-cache", str(root / "cache")])
-    with pytest.raises(SystemExit, match="latent-cache .* holds other images or settings"):
+    with pytest.raises(SystemExit, match="latent-cache .* was built for other image_size"):
         run_inline([*common, "--latent-cache", str(root / "cache"), "--image-size", "32"])
     run_inline([*common, "--sample-every", "1"])
     assert Image.open(root / "d/001-DiT-S-8/samples/0000001.png").size == (74, 74)
@@ -1283,7 +1288,7 @@ def test_train_inception_metrics_while_training_torchrun(tmp_path, fid_weights_f
     ema.load_state_dict(with_fid["ema"])
     cpu = torch.device("cpu")
     images = torch.cat([x for rank in range(2)
-                        for x, _ in train.fid_images(ema, None, args, rank, 2, cpu)])
+                        for x in train.fid_images(ema, None, args, rank, 2, cpu)])
     inception = fid.load_inception(str(fid_weights_file))
     pool3, _, logits = fid.compute_features(images[:3], inception)
     (mu, sigma), _, _ = fid.reference(str(ref), inception, 50)
@@ -1529,6 +1534,25 @@ def test_fid_npz_folder_array_tensor_give_the_same_images(tmp_path):
     folder = fid_write_folder(str(tmp_path / "imgs"), x)
     for source in (str(tmp_path / "a.npz"), tmp_path / "c.npz", folder, nhwc, x):
         assert torch.equal(fid_batches(source), x)
+
+
+def test_fid_folder_of_tif_files_is_read(tmp_path):
+    x = fid_images(3, 8, 11)
+    for i, name in enumerate(["a.tif", "b.TIF", "c.tiff"]):
+        Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(tmp_path / name)
+    assert torch.equal(fid_batches(str(tmp_path)), x)
+
+
+@pytest.mark.parametrize("ext", fid.IMAGE_EXTENSIONS)
+def test_fid_folder_reads_every_image_extension(tmp_path, ext):
+    # one list for fid.py and train.py's datasets: each ending, lossy ones and gray .pgm too
+    x = fid_images(1, 8, 12)
+    im = Image.fromarray(x[0].permute(1, 2, 0).numpy())
+    (im.convert("L") if ext == ".pgm" else im).save(tmp_path / f"0{ext}")
+    y = fid_batches(str(tmp_path))
+    assert y.shape == x.shape
+    if ext not in (".jpg", ".jpeg", ".webp", ".pgm"):
+        assert torch.equal(y, x)
 
 
 def test_fid_npz_and_tensor_give_the_same_features(fid_inception, tmp_path):
@@ -2407,6 +2431,26 @@ def test_diffusion_dpm_solver_matches_diffusers(key):
     # the model is called once per step with the integer timestep, repeated over the batch
     assert [t.tolist() for _, t in calls] == [[s] * len(noise) for s in g["timesteps"]]
     assert all(t.dtype == torch.int64 for _, t in calls)
+
+
+@pytest.mark.parametrize("key", ["toy_10", "toy_20"])
+def test_diffusion_dpm_solver_x0_prediction_matches_diffusers(key):
+    # predict_xstart=True: the model's output is x0 itself (diffusers' prediction_type="sample")
+    g = GOLDEN["dpm_solver_x0"][key]
+    z = randn(g["noise_shape"], g["noise_seed"])
+    for learn_sigma in (False, True):
+        d = create_diffusion("", predict_xstart=True, learn_sigma=learn_sigma)
+        calls = []
+        x = d.dpm_solver_sample_loop(recording(toy_model, calls), z.shape, z,
+                                     num_steps=g["num_steps"], device="cpu")
+        assert_sum_and_proj8(x, g["result"])
+        assert [t[0].item() for _, t in calls] == g["timesteps"]
+
+
+def test_diffusion_unsupported_mean_type_is_refused():
+    betas = diffusion.get_named_beta_schedule("linear", 10)
+    with pytest.raises(ValueError, match="mean_type 'v' is unsupported; use 'epsilon' or 'x_s"):
+        diffusion.GaussianDiffusion(betas, mean_type="v")
 
 
 def test_diffusion_dpm_solver_timesteps_are_diffusers_linspace():
@@ -3346,6 +3390,227 @@ def test_gpu_check_smoke_runs_every_path(tmp_path):
     assert checks["torchrun train.py, 2 process(es)"]["status"] == "pass"
     assert checks["train.py stop + --resume"]["value"] == 0
     assert "| check | status | value | note |" in run.stdout
+
+
+#################################################################################
+#                 Faults: train.py and sample.py (crashes, odd files)            #
+#################################################################################
+
+def ckpt_names(root, run="000-DiT-S-8"):
+    return sorted(os.listdir(root / run / "checkpoints"))
+
+
+def test_train_keep_last_prunes_only_this_runs_older_step_files(tmp_path):
+    """--keep-last touches only step-numbered files up to the step just written: a best.pt stays,
+    and after resuming from an older step the abandoned later checkpoints stay too."""
+    data = write_images(tmp_path / "data")
+    root = pixel_run(tmp_path, "--max-steps", "6", "--ckpt-every", "2", data=data)
+    folder = root / "000-DiT-S-8" / "checkpoints"
+    shutil.copy(folder / "0000002.pt", folder / "best.pt")
+    os.remove(folder / "0000006.pt")
+    shutil.copy(folder / "0000004.pt", folder / "0000006.pt")
+    run_inline([*PIXEL, "--data-path", data, "--resume", str(folder / "0000002.pt"),
+                "--max-steps", "4", "--ckpt-every", "2", "--keep-last", "1"])
+    # the new 0000004.pt is kept; 0000006.pt (later than the resumed step) and best.pt untouched
+    assert ckpt_names(root) == ["0000004.pt", "0000006.pt", "best.pt"]
+
+
+def test_train_resume_folder_takes_the_highest_step_and_cleans_up_after_crashes(tmp_path):
+    """A folder resumes from its highest step (not the newest name: best.pt); the temp files of
+    a writer killed mid-save are removed; a metrics.jsonl line cut by a crash is dropped."""
+    data = write_images(tmp_path / "data")
+    root = pixel_run(tmp_path, "--max-steps", "4", "--ckpt-every", "2", data=data)
+    run = root / "000-DiT-S-8"
+    shutil.copy(run / "checkpoints" / "0000002.pt", run / "checkpoints" / "best.pt")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (run / "checkpoints" / f"0000006.pt.{dead}.tmp").write_bytes(b"half a checkpoint")
+    (run / "checkpoints" / f"0000006.pt.{os.getppid()}.tmp").write_bytes(b"a live writer's")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    run_inline([*PIXEL, "--data-path", data, "--resume", str(run), "--max-steps", "6",
+                "--ckpt-every", "2"])
+    resumed = "Resuming from " + str(run / "checkpoints" / "0000004.pt")
+    assert resumed in (run / "log.txt").read_text()
+    assert ckpt_names(root) == ["0000002.pt", "0000004.pt", "0000006.pt",
+                                f"0000006.pt.{os.getppid()}.tmp", "best.pt"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_train_resume_applies_a_new_lr_and_says_so(tmp_path):
+    """Without --lr a resumed run keeps its lr; a new --lr replaces it in the optimizer, the log
+    and the checkpoint."""
+    data = write_images(tmp_path / "data")
+    root = pixel_run(tmp_path, "--max-steps", "2", "--ckpt-every", "2", "--lr", "3e-4", data=data)
+    run = root / "000-DiT-S-8"
+    run_inline([*PIXEL, "--data-path", data, "--resume", str(run), "--max-steps", "4",
+                "--ckpt-every", "2"])
+    kept = load(run / "checkpoints" / "0000004.pt")
+    assert kept["args"]["lr"] == 3e-4 and kept["opt"]["param_groups"][0]["lr"] == 3e-4
+    run_inline([*PIXEL, "--data-path", data, "--resume", str(run), "--max-steps", "6",
+                "--ckpt-every", "2", "--lr", "0"])
+    changed = load(run / "checkpoints" / "0000006.pt")
+    assert changed["args"]["lr"] == 0 and changed["opt"]["param_groups"][0]["lr"] == 0
+    assert "--lr 0.0 replaces the checkpoint's 0.0003" in (run / "log.txt").read_text()
+    # lr 0: the weights no longer move
+    a, b = load(run / "checkpoints" / "0000004.pt"), changed
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_train_numbered_class_folders_sort_as_numbers_and_are_stored(tmp_path):
+    """Folders 0..10 get labels 0..10; the mapping is logged and stored in the checkpoint, and a
+    resume on other classes is refused."""
+    data = tmp_path / "data"
+    os.makedirs(data)
+    for k in range(11):
+        write_images(tmp_path / "src", per_class=(2,), seed=k)
+        os.rename(tmp_path / "src" / "class_0", data / str(k))
+    classes, samples = train.find_images(str(data))
+    assert classes == [str(k) for k in range(11)]
+    assert [label for _, label in samples] == [k for k in range(11) for _ in range(2)]
+    # ImageNet-style names keep torchvision's order
+    assert train.class_order(["n02", "n01", "n10"]) == ["n01", "n02", "n10"]
+    root = pixel_run(tmp_path, "--num-classes", "11", "--max-steps", "1", data=str(data))
+    run = root / "000-DiT-S-8"
+    assert "Class labels: 0=0, 1=1, 2=2" in (run / "log.txt").read_text()
+    assert load(run / "checkpoints" / "0000001.pt")["classes"] == classes
+    os.rename(data / "10", data / "x")
+    with pytest.raises(SystemExit, match="was trained on the classes"):
+        run_inline([*PIXEL, "--num-classes", "11", "--data-path", str(data), "--resume",
+                    str(run), "--max-steps", "2"])
+
+
+def test_train_exif_rotation_and_large_images_are_read_as_a_viewer_shows_them(tmp_path,
+                                                                                monkeypatch,
+                                                                                capsys):
+    """An EXIF-rotated JPEG is read upright; an image over PIL's pixel limit (under twice it)
+    is read without a warning; an unreadable file is reported once, not once per epoch."""
+    upright = np.zeros((32, 16, 3), np.uint8)
+    upright[:8] = 255
+    exif = Image.Exif()
+    # orientation 6: the stored pixels are rotated; a viewer turns them 90 degrees clockwise
+    exif[0x0112] = 6
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    stored.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    got = train.read_image(str(tmp_path / "rotated.jpg"), 16)
+    want = train.center_crop_arr(Image.fromarray(upright), 16)
+    assert np.abs(got.astype(int) - want.astype(int)).mean() < 8
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "large.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train.read_image(str(tmp_path / "large.png"), 16).shape == (16, 16, 3)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    assert train.read_image(str(tmp_path / "bad.png"), 16) is None
+    assert train.read_image(str(tmp_path / "bad.png"), 16) is None
+    assert capsys.readouterr().err.count("skipping unreadable image") == 1
+
+
+def test_train_named_pipe_is_not_an_image(tmp_path):
+    """A named pipe called 00.png is not listed (reading it would wait forever)."""
+    data = write_images(tmp_path / "data")
+    os.mkfifo(tmp_path / "data" / "class_0" / "00.png")
+    _, samples = train.find_images(data)
+    assert len(samples) == 10 and not any(p.endswith("00.png") for p, _ in samples)
+
+
+def test_train_experiment_numbers_never_collide(tmp_path):
+    """The next free number after the highest, even when an older folder was removed."""
+    results = tmp_path / "results"
+    os.makedirs(results / "001-DiT-S-8")
+    assert train.new_experiment_folder(str(results), "DiT-S-8").endswith("002-DiT-S-8")
+    assert train.new_experiment_folder(str(results), "DiT-B-2").endswith("003-DiT-B-2")
+    assert os.path.isdir(results / "003-DiT-B-2" / "checkpoints")
+
+
+@pytest.mark.parametrize("change, message", [
+    ("images", "files_sha256"),
+    ("vae", "latent_shape, vae, vae_config"),
+    ("latents", "files (")], ids=["same-names-new-images", "8-channel-vae", "cut-latents"])
+def test_train_latent_cache_checks_its_images_and_vae(tmp_path, change, message):
+    """A latent cache is refused, naming what differs and the fix, when its images were replaced
+    under the same names, when another VAE is asked for, or when its files are damaged."""
+    data = write_images(tmp_path / "data")
+    tiny_vae(save_to=tmp_path / "vae", block_out_channels=(8, 8), norm_num_groups=4)
+    tiny_vae(save_to=tmp_path / "vae8", block_out_channels=(8, 8), norm_num_groups=4,
+             latent_channels=8)
+    flags = [*TINY, "--image-size", "16", "--num-classes", "2", "--global-batch-size", "2",
+             "--model-kwargs", TINY_LATENT, "--data-path", data, "--latent-cache",
+             str(tmp_path / "cache"), "--max-steps", "1", "--results-dir", str(tmp_path / "r")]
+    run_inline([*flags, "--vae", str(tmp_path / "vae")])
+    vae_folder = tmp_path / "vae"
+    if change == "images":
+        write_images(tmp_path / "data", seed=1)
+    if change == "vae":
+        vae_folder = tmp_path / "vae8"
+    if change == "latents":
+        latents = tmp_path / "cache" / "latents.npy"
+        latents.write_bytes(latents.read_bytes()[:200])
+    with pytest.raises(SystemExit, match="latent-cache") as e:
+        run_inline([*flags, "--vae", str(vae_folder)])
+    assert message in str(e.value) and "delete it" in str(e.value)
+
+
+@pytest.mark.slow
+def test_train_sigterm_saves_and_exits_cleanly_torchrun(tmp_path):
+    """SIGTERM to torchrun (what a scheduler sends) reaches both ranks: they save a checkpoint
+    at the same step, log how to continue and exit 0; the run then resumes from it."""
+    data = write_images(tmp_path / "data", per_class=(7, 6))
+    argv = [*PIXEL, "--data-path", data, "--results-dir", "r", "--max-steps", "100000",
+            "--ckpt-every", "100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", TRAIN, *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "r" / "000-DiT-S-8" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    run = tmp_path / "r" / "000-DiT-S-8"
+    saved = [name for name in os.listdir(run / "checkpoints") if name.endswith(".pt")]
+    assert len(saved) == 1, out
+    step = int(saved[0][:-3])
+    assert f"Stopped by SIGTERM at step {step}; continue with --resume" in out
+    # torchrun itself ends with a traceback (SignalException); the workers print none
+    assert 'train.py", line' not in out and "train.py: error" not in out
+    ckpt = load(run / "checkpoints" / saved[0])
+    # both ranks took part in the save: each one's random state is stored
+    assert len(ckpt["rng"]) == 2 and ckpt["step"] == step
+    run_torchrun([TRAIN, *PIXEL, "--data-path", data, "--resume", str(run), "--max-steps",
+                  str(step + 1)], cwd=tmp_path)
+    assert load(run / "checkpoints" / f"{step + 1:07d}.pt")["step"] == step + 1
+
+
+@pytest.mark.parametrize("args, message", [
+    ("a string", "in a form train.py never writes"),
+    ({"image_size": "16"}, "in a form train.py never writes")], ids=["args-string", "size-text"])
+def test_sample_checkpoint_with_odd_settings_is_one_line(tmp_path, args, message):
+    root = pixel_run(tmp_path, "--max-steps", "1")
+    ckpt = load(root / "000-DiT-S-8" / "checkpoints" / "0000001.pt")
+    ckpt["args"] = args if isinstance(args, str) else {**ckpt["args"], **args}
+    torch.save(ckpt, tmp_path / "odd.pt")
+    with pytest.raises(SystemExit, match=message):
+        sample.main(["--ckpt", str(tmp_path / "odd.pt"), "--out", str(tmp_path / "a.png")])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_sample_npz_set_resamples_a_damaged_batch(sample_files, tmp_path, capsys, damage):
+    """A cut or empty batch file in _parts is named, sampled again with the batches after it, and
+    the set equals an uninterrupted one."""
+    ckpt = ["--ckpt", sample_files["pixel"]]
+    sample.main(sample_pixel_set_args(tmp_path / "fresh.npz", 6, *ckpt))
+    sample.main(sample_pixel_set_args(tmp_path / "set.npz", 6, *ckpt))
+    shard = tmp_path / "set_parts" / "rank000-batch000001.npz"
+    shard.write_bytes(shard.read_bytes()[:100] if damage == "truncated" else b"")
+    os.remove(tmp_path / "set.npz")
+    sample.main(sample_pixel_set_args(tmp_path / "set.npz", 6, *ckpt))
+    assert f"{shard} is damaged" in capsys.readouterr().err
+    assert np.array_equal(np.load(tmp_path / "fresh.npz")["arr_0"],
+                          np.load(tmp_path / "set.npz")["arr_0"])
 
 
 #################################################################################

@@ -4,23 +4,28 @@ Train DiT ("Scalable Diffusion Models with Transformers", Peebles & Xie) with Py
     python train.py --model DiT-S/2 --data-path /data/train        # one process, GPU or CPU
     torchrun --nproc_per_node=8 train.py --model DiT-XL/2 --data-path /imagenet/train
 
-The official recipe, flags and results layout; plus exact --resume, a latent cache, pixel-space
-models (--vae none), mixed precision, sample grids and FID while training (--fid-every).
+The official recipe, flags and results layout; plus exact --resume (also after SIGTERM), a latent
+cache, pixel-space models (--vae none), mixed precision, sample grids and FID while training.
+The file reads in the order it runs: main, parse_args, train (the story), then each of its steps.
 """
 import argparse
 import gc
-import glob
+import hashlib
 import json
 import math
 import os
+import re
+import signal
 import sys
+import threading
 import time
+import warnings
 from copy import deepcopy
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
@@ -31,20 +36,328 @@ from diffusion import create_diffusion, progress
 from dit import DiT_models, create_dit
 from vae import load_vae
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# set by SIGTERM, what cluster schedulers send before they stop a job: save, then exit
+PREEMPTED = threading.Event()
 
 def fail(message):
     """Stop with one clear line instead of a traceback (every rank checks the same things)."""
     raise SystemExit(f"train.py: error: {message}")
 
 #################################################################################
-#                                      Data                                     #
+#                                      Main                                     #
 #################################################################################
 
+def main(argv=None):
+    """Join the process group (torchrun's, a group of one, or the caller's), train, leave."""
+    args = parse_args(argv)
+    own_group = not dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if own_group:
+        # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; plain python: one process
+        alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, **alone)
+    rank = dist.get_rank()
+    world_size = dist.get_world_size()
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    # The official script always enables TF32; here it is opt-in, so fp32 means fp32:
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    # as official: each rank its own random stream
+    torch.manual_seed(args.global_seed * world_size + rank)
+    PREEMPTED.clear()
+    # signal handlers can only be set in the main thread
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: PREEMPTED.set())
+    try:
+        train(args, rank, world_size, device)
+    except (OSError, ValueError) as e:
+        # a failed download, a corrupt file: one line that says what to do
+        fail(str(e))
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, old_handler)
+        # DDP's reducer sits in a reference cycle and holds the group: freed first, or gloo may
+        # abort the process at exit ("terminate called without an active exception")
+        gc.collect()
+        if own_group:
+            dist.destroy_process_group()
+
+def parse_args(argv=None):
+    """The official flags and defaults, plus resume, caching, speed and monitoring flags."""
+    p = argparse.ArgumentParser(prog="train.py", description="Train a class-conditional DiT "
+                                "with DDP.", epilog=EXAMPLES, formatter_class=Help)
+    p.add_argument("--data-path", type=str, required=True, help="folder of <class>/<images>")
+    p.add_argument("--results-dir", type=str, default="results", help="experiments go here")
+    p.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2")
+    p.add_argument("--image-size", type=count(1), default=256, help="pixels (square)")
+    p.add_argument("--num-classes", type=count(1), default=1000, help="1: unconditional")
+    p.add_argument("--epochs", type=count(1), default=1400, help="passes over the data")
+    p.add_argument("--global-batch-size", type=count(1), default=256, help="over all processes")
+    p.add_argument("--global-seed", type=int, default=0, help="data order, weights, noise")
+    p.add_argument("--vae", type=str, default="ema", help="ema, mse, repo id, folder, file; none")
+    p.add_argument("--num-workers", type=count(0),
+                   help="loader processes per process (default: 4 with a GPU, 0 on the CPU)")
+    p.add_argument("--log-every", type=count(1), default=100, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=count(1), default=50_000, help="steps between checkpoints")
+    p.add_argument("--lr", type=number(0, math.inf),
+                   help="AdamW learning rate (default: 1e-4, or the resumed run's)")
+    p.add_argument("--ema-decay", type=number(0, 1), default=0.9999,
+                   help="0.9999^N of the initial weights remain after N steps; short runs: 0.999")
+    p.add_argument("--max-steps", type=count(1), help="stop (and save) at this step")
+    p.add_argument("--resume", type=str, help="a checkpoint, or an experiment folder (its last)")
+    p.add_argument("--keep-last", type=count(0), default=0, help="keep the newest N (0: all)")
+    p.add_argument("--latent-cache", type=str, help="folder of the data's VAE latents (made once)")
+    p.add_argument("--sample-every", type=count(0), default=0, help="EMA sample grid every N steps")
+    p.add_argument("--precision", choices=list(AMP), default="fp32", help="autocast dtype")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions on GPUs")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpointing", action="store_true", help="less memory, more compute")
+    p.add_argument("--model-kwargs", type=str, default="{}", help="JSON of DiT arguments over "
+                   "--model, e.g. '{\"depth\": 4}'")
+    p.add_argument("--fid-every", type=count(0), default=0, help="FID and IS every N steps, at end")
+    p.add_argument("--fid-ref", type=str, help="FID reference: ADM .npz, stats .npz, images")
+    p.add_argument("--fid-num-samples", type=count(2), default=10_000, help="EMA samples per FID")
+    p.add_argument("--fid-steps", type=count(1), default=50, help="DDIM steps of the FID samples")
+    p.add_argument("--fid-cfg-scale", type=number(0, math.inf), default=1.0, help="1: unguided")
+    p.add_argument("--fid-inception", type=str, help="weights file (default: fid.py's download)")
+    return p.parse_args(argv)
+
+EXAMPLES = """examples:
+  python train.py --model DiT-XL/2 --data-path /imagenet/train --precision bf16 --tf32
+  torchrun --nproc_per_node=8 train.py --model DiT-XL/2 --data-path /imagenet/train \\
+      --fid-every 50000 --fid-ref VIRTUAL_imagenet256_labeled.npz
+  python train.py --model DiT-S/2 --vae none --image-size 8 --num-classes 10 \\
+      --data-path digits --ema-decay 0.99 --max-steps 1500 --sample-every 500"""
+
+#################################################################################
+#                                 Training Loop                                 #
+#################################################################################
+
+def train(args, rank, world_size, device):
+    """Check the inputs, set up model, data and optimizer, then run the official loop."""
+    # Check the inputs before anything is downloaded or computed:
+    classes, samples = check_args(args, world_size)
+    ckpt = load_resume(args, classes) if args.resume else None
+    last_good = ckpt["path"] if ckpt else None
+    if args.lr is None:
+        # the official 1e-4, or the resumed run's
+        args.lr = ckpt["args"]["lr"] if ckpt else 1e-4
+
+    # Create model (before any folder is made: an image size the model cannot take stops here):
+    vae = None if args.vae == "none" else load_vae(args.vae, device=device)
+    model = sample.build_model(args, vae)
+    model.grad_checkpointing = args.grad_checkpointing
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    model.to(device)
+    net = model
+    if world_size > 1:
+        # DDP broadcasts rank 0's weights: every rank starts from the same model
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        net = torch.compile(net)
+    # Note that parameter initialization is done within the DiT constructor
+    ema = deepcopy(model).requires_grad_(False).eval()
+    diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)
+
+    # Setup data:
+    dataset = build_dataset(args, samples, vae, device)
+    steps_per_epoch = math.ceil(len(samples) / world_size) // (args.global_batch_size // world_size)
+    total_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
+
+    # Setup an experiment folder:
+    experiment_dir = experiment_folder(args, last_good, rank)
+    log = create_logger(experiment_dir, rank)
+    log(f"Resuming from {last_good}" if ckpt else f"New experiment {experiment_dir}")
+    log(describe_classes(classes))
+
+    # Setup optimizer (the official: AdamW, constant lr, no weight decay) and loss scaler:
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0,
+                            fused=device.type in ("cuda", "cpu"))
+    # fp16 needs loss scaling; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    if ckpt:
+        restore_training_state(ckpt, ema, opt, scaler, log)
+
+    # Setup FID monitoring: Inception on every rank, the reference statistics on rank 0
+    inception = None
+    reference = None
+    if args.fid_every:
+        # rank 0 first: it downloads the weights, the other ranks then find them in the cache
+        if rank > 0:
+            dist.barrier()
+        inception = fid.load_inception(args.fid_inception, device)
+        if rank == 0:
+            reference = fid.reference(args.fid_ref, inception, 50)[0]
+            dist.barrier()
+
+    # Restore every rank's random streams last, so that nothing above draws from them:
+    if ckpt:
+        restore_random_state(ckpt, args, rank, device)
+    step = ckpt["step"] if ckpt else 0
+    epoch = ckpt["epoch"] if ckpt else 0
+    start_batch = ckpt["batch"] if ckpt else 0
+    ctx = torch.autocast(device.type, dtype=AMP[args.precision], enabled=args.precision != "fp32")
+    # a gloo group for the preemption flag: checked every step without a device sync
+    stop_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    log(f"{len(samples):,} images in {len(classes)} classes, {model.gflops():.2f} Gflops/image DiT "
+        f"of {sum(p.numel() for p in model.parameters()):,} parameters; steps {step} to "
+        f"{total_steps} in {args.precision}, {world_size} process(es), lr {args.lr}")
+
+    # Important: train mode enables the label dropout that classifier-free guidance needs
+    model.train()
+    keys = ["loss", "mse", "vb"] if model.learn_sigma else ["loss", "mse"]
+    # the losses summed on the device: the loop syncs with the host only to log
+    running = torch.zeros(len(keys), device=device)
+    log_steps = 0
+    start_time = time.time()
+    while step < total_steps:
+        items = epoch_order(len(samples), epoch, args.global_seed, rank, world_size)
+        skip = start_batch * (args.global_batch_size // world_size)
+        loader = data_loader(dataset, items[skip:], args, device)
+        for batch_index, (x, y) in enumerate(loader, start=start_batch):
+            x = to_latent(x.to(device, non_blocking=True), vae, cached=bool(args.latent_cache))
+            y = y.to(device, non_blocking=True)
+            if args.num_classes == 1:
+                # unconditional: every image is class 0 (row 1 of the label table is the null)
+                y = torch.zeros_like(y)
+            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+            # Forward and loss under autocast (bf16/fp16 matmuls, float32 loss math):
+            with ctx:
+                loss_dict = diffusion.training_losses(net, x, t, dict(y=y))
+            loss = loss_dict["loss"].mean()
+            # Backward and optimizer step, then the EMA:
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            update_ema(ema, model, args.ema_decay)
+
+            # Log loss values (a NaN or inf stays in the sum until the next log line):
+            running += torch.stack([loss_dict[k].mean() for k in keys]).detach()
+            log_steps += 1
+            step += 1
+            done = step >= total_steps
+            # a SIGTERM on any rank: every rank saves at this same step, then stops
+            preempted = preemption_requested(stop_group)
+            save = step % args.ckpt_every == 0 or done or preempted
+            if step % args.log_every == 0 or save:
+                losses = mean_over_ranks(running, keys, log_steps)
+                # before a checkpoint is written: a NaN loss stops the run here
+                if not all(math.isfinite(value) for value in losses.values()):
+                    message = (f"loss is NaN/inf at step {step} or before; resume from the last "
+                               f"good checkpoint {last_good} with a lower --lr (or bf16 instead "
+                               "of fp16)")
+                    log(message)
+                    fail(message)
+                steps_per_sec = log_steps / (time.time() - start_time)
+                log_losses(log, losses, step, total_steps, steps_per_sec, args, model)
+                running.zero_()
+                log_steps = 0
+                start_time = time.time()
+
+            # Save DiT checkpoint:
+            if save:
+                checkpoint = {"model": model.state_dict(), "ema": ema.state_dict(),
+                              "opt": opt.state_dict(), "args": vars(args), "config": model.config,
+                              "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                              "classes": classes, "step": step, "epoch": epoch,
+                              "batch": batch_index + 1, "world_size": world_size,
+                              "rng": gather_random_states(device)}
+                last_good = save_checkpoint(checkpoint, experiment_dir, args.keep_last)
+                log(f"Saved checkpoint to {last_good}")
+            if preempted:
+                log(f"Stopped by SIGTERM at step {step}; continue with --resume {experiment_dir}")
+                dist.barrier()
+                return
+
+            # Monitor: EMA sample grids and FID
+            if args.sample_every and (step % args.sample_every == 0 or done) and rank == 0:
+                path = f"{experiment_dir}/samples/{step:07d}.png"
+                save_sample_grid(ema, vae, args, path)
+                log(f"Saved EMA samples to {path}")
+            if args.fid_every and (step % args.fid_every == 0 or done):
+                metrics = evaluate_fid(ema, vae, args, inception, reference)
+                if rank == 0:
+                    log(f"(step={step:07d}) FID {metrics['fid']:.4f}, IS {metrics['is']:.4f} "
+                        f"({args.fid_num_samples} EMA samples, DDIM-{args.fid_steps})",
+                        {"step": step, **metrics})
+            if done:
+                break
+        epoch += 1
+        start_batch = 0
+    log("Done!")
+    # every rank done before the process group goes (gloo aborts if one leaves too early)
+    dist.barrier()
+
+#################################################################################
+#                           Setup: inputs and classes                           #
+#################################################################################
+
+def check_args(args, world_size):
+    """Check the inputs before anything is downloaded or computed -> (classes, samples)."""
+    if args.global_batch_size % world_size:
+        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} "
+             f"processes; use a multiple of {world_size}")
+    if args.latent_cache and args.vae == "none":
+        fail("--latent-cache needs a VAE; drop it for pixel-space training (--vae none)")
+    check_model_kwargs(args)
+    if not os.path.isdir(args.data_path):
+        fail(f"--data-path {args.data_path} is not a folder; put the images in <it>/<class>/")
+    classes, samples = find_images(args.data_path)
+    if not samples:
+        fail(f"--data-path {args.data_path} has no images ({' '.join(fid.IMAGE_EXTENSIONS)}) "
+             "in class sub-folders; put them in <data-path>/<class>/")
+    if args.num_classes != 1 and len(classes) > args.num_classes:
+        fail(f"--data-path has {len(classes)} class folders but --num-classes is "
+             f"{args.num_classes}; raise it (or use 1: unconditional)")
+    if math.ceil(len(samples) / world_size) < args.global_batch_size // world_size:
+        fail(f"{len(samples)} images do not fill a batch of {args.global_batch_size}; lower "
+             "--global-batch-size")
+    if not any(read_image(path, args.image_size) is not None for path, _ in samples):
+        fail(f"none of the {len(samples)} images in --data-path can be read")
+    if args.resume and not os.path.exists(args.resume):
+        fail(f"--resume {args.resume} does not exist; give a checkpoint or an experiment folder")
+    if args.fid_every and not (args.fid_ref and os.path.exists(args.fid_ref)):
+        fail(f"--fid-ref {args.fid_ref} does not exist; --fid-every needs an ADM .npz, a "
+             "fid.py --save-stats .npz or an image folder")
+    if args.fid_every and args.fid_inception and not os.path.isfile(args.fid_inception):
+        fail(f"--fid-inception {args.fid_inception} is not a file")
+    try:
+        create_diffusion(f"ddim{args.fid_steps}")
+    except ValueError as e:
+        fail(f"--fid-steps {args.fid_steps}: {e}")
+    return classes, samples
+
+def check_model_kwargs(args):
+    """Refuse unknown DiT arguments, bad head counts or block designs; store them canonically."""
+    try:
+        kwargs = json.loads(args.model_kwargs)
+        # Built on the meta device (no memory, no compute) at the smallest input the patch size
+        # fits: only the arguments are checked, not the image size (check_args does that later).
+        with torch.device("meta"):
+            create_dit(args.model, **{**kwargs, "input_size": kwargs.get("patch_size", 8)})
+    except (ValueError, TypeError) as e:
+        fail(f"--model-kwargs {args.model_kwargs} is not a JSON object of DiT arguments ({e}); "
+             "e.g. '{\"depth\": 4}'")
+    # canonical, so that --resume compares the arguments, not their spelling
+    args.model_kwargs = json.dumps(kwargs, sort_keys=True)
+
+def class_order(names):
+    """Class folders in label order: sorted as torchvision's ImageFolder, numbers as numbers."""
+    # folders 0..10 get labels 0..10 (by name they would be 0, 1, 10, 2, ...)
+    if names and all(name.isdigit() for name in names):
+        return sorted(names, key=lambda name: (int(name), name))
+    return sorted(names)
+
 def find_images(root):
-    """(classes, [(path, label)]) of root/<class>/**/<image>, in torchvision ImageFolder's order."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    """(classes, [(path, label)]) of the regular files root/<class>/**/<image>, in label order."""
+    classes = class_order([e.name for e in os.scandir(root) if e.is_dir()])
     samples = []
     tops = {os.path.realpath(os.path.join(root, name)) for name in classes}
     seen = {os.path.realpath(root)}
@@ -59,10 +372,20 @@ def find_images(root):
                 subfolders.clear()
                 continue
             seen.add(real)
-            found += [(folder, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+            for f in files:
+                # regular files only: reading a named pipe would wait forever
+                if f.lower().endswith(fid.IMAGE_EXTENSIONS) and os.path.isfile(f"{folder}/{f}"):
+                    found.append((folder, f))
         # sorted by folder, then by file name
         samples += [(os.path.join(folder, f), label) for folder, f in sorted(found)]
     return classes, samples
+
+def describe_classes(classes):
+    """The class-to-label mapping, as one log line (every checkpoint stores it whole)."""
+    pairs = [f"{label}={name}" for label, name in enumerate(classes)]
+    if len(pairs) > 12:
+        pairs = [*pairs[:10], "...", pairs[-1]]
+    return f"Class labels: {', '.join(pairs)}"
 
 def center_crop_arr(pil_image, image_size):
     """ADM center crop: box-halve while the short side >= 2 * size, bicubic to size, crop."""
@@ -75,14 +398,167 @@ def center_crop_arr(pil_image, image_size):
     left = (arr.shape[1] - image_size) // 2
     return arr[top: top + image_size, left: left + image_size]  # (H, W, 3) uint8
 
+WARNED = set()
+
 def read_image(path, image_size):
     """The center crop of an image file, uint8 (H, W, 3); None, with a warning, if unreadable."""
     try:
-        with Image.open(path) as image:
-            return center_crop_arr(fid.to_rgb(image), image_size)
+        with warnings.catch_warnings():
+            # large photos train as well as small ones (they are downscaled); PIL still refuses
+            # images over twice its limit as decompression bombs
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                # the orientation a viewer shows (camera JPEGs store it in EXIF)
+                image = ImageOps.exif_transpose(image)
+                return center_crop_arr(fid.to_rgb(image), image_size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        print(f"train.py: warning: skipping unreadable image {path} ({e})", file=sys.stderr)
+        # once per file and process, not once per epoch
+        if path not in WARNED:
+            WARNED.add(path)
+            print(f"train.py: warning: skipping unreadable image {path} ({e})", file=sys.stderr)
         return None
+
+#################################################################################
+#                          Setup: resume and experiment                         #
+#################################################################################
+
+def load_resume(args, classes):
+    """The checkpoint to resume (a file, or an experiment's highest step), checked against args."""
+    path = args.resume
+    if os.path.isdir(path):
+        path = last_checkpoint(path)
+    try:
+        # memory-mapped: the ranks of a node share one copy in the page cache
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        # torch.load raises many types (RuntimeError, UnpicklingError, EOFError...) for a file
+        # that is not a checkpoint
+        fail(f"--resume {path} cannot be read as a checkpoint ({type(e).__name__}); give a "
+             "checkpoint written by this train.py")
+    needed = {"model", "ema", "opt", "args", "step", "epoch", "batch", "rng", "world_size"}
+    if not (isinstance(ckpt, dict) and needed <= ckpt.keys() and isinstance(ckpt["args"], dict)):
+        fail(f"--resume {path} is not a checkpoint written by this train.py (it lacks the "
+             "training state); to start from its weights, train a new run")
+    for key in ("model", "model_kwargs", "image_size", "num_classes", "global_batch_size",
+                "global_seed", "vae"):
+        if ckpt["args"].get(key) != getattr(args, key):
+            fail(f"--resume {path} was trained with --{key.replace('_', '-')} "
+                 f"{ckpt['args'].get(key)}, not {getattr(args, key)}; pass the same value")
+    # older checkpoints did not store the classes
+    if ckpt.get("classes", classes) != classes:
+        fail(f"--resume {path} was trained on the classes {ckpt['classes'][:5]}..., not the "
+             f"{classes[:5]}... of --data-path; pass the data it was trained on")
+    ckpt["path"] = path
+    return ckpt
+
+def checkpoint_steps(folder):
+    """{step: path} of the step-numbered checkpoints (0001000.pt) in a folder."""
+    if not os.path.isdir(folder):
+        return {}
+    names = [name for name in os.listdir(folder) if re.fullmatch(r"\d+\.pt", name)]
+    return {int(name[:-3]): os.path.join(folder, name) for name in names}
+
+def last_checkpoint(folder):
+    """The highest-step checkpoint of an experiment folder (or of its checkpoints/ folder)."""
+    steps = checkpoint_steps(os.path.join(folder, "checkpoints")) or checkpoint_steps(folder)
+    if not steps:
+        fail(f"--resume {folder} holds no step-numbered checkpoint (checkpoints/0001000.pt); "
+             "give a checkpoint file")
+    return steps[max(steps)]
+
+def experiment_folder(args, resume_path, rank):
+    """The run's folder: the resumed checkpoint's experiment, else a new results/NNN-<model>."""
+    checkpoints = os.path.dirname(os.path.abspath(resume_path or "."))
+    if resume_path and os.path.basename(checkpoints) == "checkpoints":
+        if rank == 0:
+            sample.remove_dead_writers_files(checkpoints)
+        return os.path.dirname(checkpoints)
+    # a new folder in the official layout (also for a checkpoint kept elsewhere)
+    shared = [None]
+    if rank == 0:
+        shared[0] = new_experiment_folder(args.results_dir, args.model.replace("/", "-"))
+    dist.broadcast_object_list(shared)
+    return shared[0]
+
+def new_experiment_folder(results_dir, name):
+    """Make results_dir/NNN-name with the next free number (atomic: two runs never share one)."""
+    os.makedirs(results_dir, exist_ok=True)
+    while True:
+        numbers = [int(m[1]) for n in os.listdir(results_dir) if (m := re.match(r"(\d+)-", n))]
+        path = f"{results_dir}/{max(numbers, default=-1) + 1:03d}-{name}"
+        try:
+            # mkdir fails if another run made the same folder first: then take the next number
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        os.makedirs(f"{path}/checkpoints")
+        return path
+
+def create_logger(experiment_dir, rank):
+    """log(message, metrics): rank 0 prints and appends to log.txt, metrics to metrics.jsonl."""
+    if rank == 0:
+        drop_cut_line(f"{experiment_dir}/metrics.jsonl")
+
+    def log(message, metrics=None):
+        if rank != 0:
+            return
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+        print(line, flush=True)
+        with open(f"{experiment_dir}/log.txt", "a") as f:
+            f.write(line + "\n")
+        if metrics is not None:
+            with open(f"{experiment_dir}/metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+    return log
+
+def drop_cut_line(path):
+    """Cut a last line that a crash (a full disk) left unfinished: one JSON object per line."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+def restore_training_state(ckpt, ema, opt, scaler, log):
+    """Load the EMA, optimizer and loss scaler of a checkpoint; a new --lr replaces its lr."""
+    ema.load_state_dict(ckpt["ema"])
+    lr = opt.param_groups[0]["lr"]
+    opt.load_state_dict(ckpt["opt"])
+    old_lr = opt.param_groups[0]["lr"]
+    if lr != old_lr:
+        log(f"--lr {lr} replaces the checkpoint's {old_lr}")
+        for group in opt.param_groups:
+            group["lr"] = lr
+    if ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+
+def restore_random_state(ckpt, args, rank, device):
+    """Every rank continues its own random streams (exact), or new ones for another world size."""
+    world_size = dist.get_world_size()
+    if ckpt["world_size"] != world_size:
+        # another number of processes: fresh streams, so the resume is not bit-exact
+        torch.manual_seed((args.global_seed * world_size + rank) * 1_000_003 + ckpt["step"])
+        return
+    torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+    if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+
+#################################################################################
+#                                  Setup: data                                  #
+#################################################################################
+
+def build_dataset(args, samples, vae, device):
+    """The training images, or their VAE posteriors from --latent-cache (built on first use)."""
+    if not args.latent_cache:
+        return ImageFolder(samples, args.image_size)
+    meta = cache_meta(args, samples, vae)
+    if not os.path.exists(f"{args.latent_cache}/meta.json"):
+        build_cache(args, samples, vae, device, meta)
+        if dist.get_rank() == 0:
+            print(f"Wrote latent cache {args.latent_cache}: {len(samples):,} images and their "
+                  "mirrors", flush=True)
+    return LatentCache(args.latent_cache, meta)
 
 class ImageFolder(Dataset):
     """Item (index, flip) -> (image (3, H, W) in [-1, 1], label); unreadable files are skipped."""
@@ -104,12 +580,74 @@ class ImageFolder(Dataset):
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255).sub_(0.5).div_(0.5)
         return (x.flip(-1) if flip else x), label
 
+def cache_meta(args, samples, vae):
+    """What a latent cache depends on: every image (name, label, size, time), the VAE, the size."""
+    files = hashlib.sha256()
+    for path, label in samples:
+        stat = os.stat(path)
+        name = os.path.relpath(path, args.data_path)
+        files.update(f"{name}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    size = args.image_size // vae.downsample_factor
+    meta = dict(image_size=args.image_size, vae=args.vae, vae_config=vae.config,
+                latent_shape=[vae.config["latent_channels"], size, size],
+                num_images=len(samples), files_sha256=files.hexdigest())
+    # as meta.json reads back (tuples become lists)
+    return json.loads(json.dumps(meta))
+
+@torch.no_grad()
+def build_cache(args, samples, vae, device, meta):
+    """Encode every image and its mirror once, the ranks sharing the work, into --latent-cache."""
+    rank = dist.get_rank()
+    tmp = f"{args.latent_cache}.tmp"
+    # the posterior's mean and std, not a sample: training still draws a fresh latent per step
+    shape = (len(samples), 2, 2, *meta["latent_shape"])  # (N, flip, 2, C, h, w)
+    if rank == 0:
+        os.makedirs(tmp, exist_ok=True)
+        np.lib.format.open_memmap(f"{tmp}/latents.npy", "w+", np.float32, shape)
+        np.lib.format.open_memmap(f"{tmp}/labels.npy", "w+", np.int64, (len(samples),))
+    dist.barrier()
+    latents = np.load(f"{tmp}/latents.npy", mmap_mode="r+")
+    labels = np.load(f"{tmp}/labels.npy", mmap_mode="r+")
+    rows = list(range(rank, len(samples), dist.get_world_size()))
+    images = ImageFolder(samples, args.image_size)
+    loader = data_loader(images, [(i, 0) for i in rows], args, device, drop_last=False)
+    start = time.time()
+    for b, (x, y) in enumerate(loader):
+        # the images, then their mirrors
+        posterior = vae.encode(torch.cat([x, x.flip(-1)]).to(device))
+        stats = torch.stack([posterior.mean, posterior.std], 1).float()  # (2B, 2, C, h, w)
+        these = rows[b * loader.batch_size: (b + 1) * loader.batch_size]
+        latents[these] = stats.unflatten(0, (2, -1)).transpose(0, 1).cpu().numpy()
+        labels[these] = y.numpy()
+        if rank == 0:
+            progress("latent cache: batches", b + 1, len(loader), start)
+    latents.flush()
+    labels.flush()
+    dist.barrier()
+    if rank == 0:
+        # meta.json last, then one rename: a cache folder is either complete or absent
+        with open(f"{tmp}/meta.json", "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp, args.latent_cache)
+    dist.barrier()
+
 class LatentCache(Dataset):
     """Item (index, flip) -> (VAE posterior mean and std (2, C, h, w), label), from build_cache."""
-    def __init__(self, path):
+    def __init__(self, path, meta):
         self.path = path
         self.latents = None
-        self.labels = np.load(os.path.join(path, "labels.npy"))
+        with open(f"{path}/meta.json") as f:
+            built = json.load(f)
+        differ = sorted(k for k in set(built) | set(meta) if built.get(k) != meta.get(k))
+        try:
+            shape = np.load(f"{path}/latents.npy", mmap_mode="r").shape
+            self.labels = np.load(f"{path}/labels.npy")
+        except (OSError, ValueError) as e:
+            differ.append(f"files ({e})")
+        if differ or shape != (len(self.labels), 2, 2, *meta["latent_shape"]):
+            raise ValueError(f"--latent-cache {path} was built for other {', '.join(differ)} "
+                             "(images, VAE, size or files); delete it (it is rebuilt) or use "
+                             "another folder")
 
     def __getitem__(self, item):
         index, flip = item
@@ -117,6 +655,10 @@ class LatentCache(Dataset):
             # mapped lazily: each loader worker maps the file itself
             self.latents = np.load(os.path.join(self.path, "latents.npy"), mmap_mode="r")
         return torch.from_numpy(np.array(self.latents[index, flip])), int(self.labels[index])
+
+#################################################################################
+#                               Steps of the loop                               #
+#################################################################################
 
 def epoch_order(n, epoch, seed, rank, world_size):
     """This rank's (index, flip) items of an epoch: DistributedSampler's order, a flip per image."""
@@ -147,473 +689,122 @@ def to_latent(x, vae, cached):
     return (z - vae.shift_factor) * vae.scaling_factor
 
 @torch.no_grad()
-def build_cache(args, samples, vae, device):
-    """Encode every image and its mirror once, the ranks sharing the work, into --latent-cache."""
-    rank = dist.get_rank()
-    tmp = f"{args.latent_cache}.tmp"
-    size = args.image_size // vae.downsample_factor
-    # the posterior's mean and std, not a sample: training still draws a fresh latent per step
-    shape = (len(samples), 2, 2, vae.config["latent_channels"], size, size)  # (N, flip, 2, C, h, w)
-    if rank == 0:
-        os.makedirs(tmp, exist_ok=True)
-        np.lib.format.open_memmap(f"{tmp}/latents.npy", "w+", np.float32, shape)
-        np.lib.format.open_memmap(f"{tmp}/labels.npy", "w+", np.int64, (len(samples),))
-    dist.barrier()
-    latents = np.load(f"{tmp}/latents.npy", mmap_mode="r+")
-    labels = np.load(f"{tmp}/labels.npy", mmap_mode="r+")
-    rows = list(range(rank, len(samples), dist.get_world_size()))
-    images = ImageFolder(samples, args.image_size)
-    loader = data_loader(images, [(i, 0) for i in rows], args, device, drop_last=False)
-    start = time.time()
-    for b, (x, y) in enumerate(loader):
-        # the images, then their mirrors
-        posterior = vae.encode(torch.cat([x, x.flip(-1)]).to(device))
-        stats = torch.stack([posterior.mean, posterior.std], 1).float()  # (2B, 2, C, h, w)
-        these = rows[b * loader.batch_size: (b + 1) * loader.batch_size]
-        latents[these] = stats.unflatten(0, (2, -1)).transpose(0, 1).cpu().numpy()
-        labels[these] = y.numpy()
-        if rank == 0:
-            progress("latent cache: batches", b + 1, len(loader), start)
-    latents.flush()
-    labels.flush()
-    dist.barrier()
-    if rank == 0:
-        # meta.json last, then one rename: a cache folder is either complete or absent
-        with open(f"{tmp}/meta.json", "w") as f:
-            json.dump(cache_meta(args, samples), f)
-        os.replace(tmp, args.latent_cache)
-    dist.barrier()
-
-def cache_meta(args, samples):
-    """What a latent cache depends on: one built for other values is refused."""
-    files = [os.path.relpath(path, args.data_path) for path, _ in samples[::1000]]
-    return dict(image_size=args.image_size, vae=args.vae, num_images=len(samples), files=files)
-
-#################################################################################
-#                           Checkpoints and monitoring                          #
-#################################################################################
-
-@torch.no_grad()
 def update_ema(ema, model, decay):
     """ema = decay * ema + (1 - decay) * model, the official arithmetic (with foreach kernels)."""
     ema_params = list(ema.parameters())
     torch._foreach_mul_(ema_params, decay)
     torch._foreach_add_(ema_params, list(model.parameters()), alpha=1 - decay)
 
-def save_checkpoint(path, model, ema, opt, scaler, args, position, device):
-    """Rank 0 writes a checkpoint (every rank's random state too) atomically; prunes old ones."""
-    rank = dist.get_rank()
-    rng = [None] * dist.get_world_size()
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    dist.all_gather_object(rng, {"cpu": torch.get_rng_state(), "cuda": cuda_rng})
-    step, epoch, batch = position
-    checkpoint = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                  "args": vars(args), "config": model.config, "step": step, "epoch": epoch,
-                  "batch": batch, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                  "world_size": dist.get_world_size(), "rng": rng}
+def preemption_requested(group):
+    """Whether any rank got SIGTERM: every rank asks at every step, so all stop at the same one."""
+    flag = torch.tensor([float(PREEMPTED.is_set())])
+    if dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
+
+def mean_over_ranks(running, keys, log_steps):
+    """{loss name: mean over the steps since the last log line and over the ranks}."""
+    totals = running.clone()
+    dist.all_reduce(totals)
+    means = (totals / (log_steps * dist.get_world_size())).tolist()
+    return dict(zip(keys, means))
+
+def log_losses(log, losses, step, total_steps, steps_per_sec, args, model):
+    """Log the losses, speed and ETA (also to metrics.jsonl); on a GPU, TFLOP/s and memory."""
+    metrics = {"step": step, **losses, "steps_per_sec": steps_per_sec,
+               "img_per_sec": steps_per_sec * args.global_batch_size}
+    left = round((total_steps - step) / steps_per_sec)
+    line = (f"(step={step:07d}) " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+            + f" | {steps_per_sec:.2f} steps/s, {metrics['img_per_sec']:.1f} img/s, "
+            + f"ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        # training = 3x the forward flops (the backward pass is 2x), 2 flops a multiply-add
+        metrics["tflops"] = 3 * 2 * model.gflops() * metrics["img_per_sec"] / 1e3
+        metrics["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        line += f" | peak {metrics['peak_gib']:.1f} GiB, {metrics['tflops']:.1f} TFLOP/s"
+    log(line, metrics)
+
+def gather_random_states(device):
+    """Every rank's random state (CPU, CUDA): a resume continues each stream exactly."""
+    states = [None] * dist.get_world_size()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    dist.all_gather_object(states, {"cpu": torch.get_rng_state(), "cuda": cuda})
+    return states
+
+def save_checkpoint(checkpoint, experiment_dir, keep_last):
+    """Rank 0 writes checkpoints/<step>.pt atomically and prunes older ones -> its path."""
+    folder = f"{experiment_dir}/checkpoints"
+    path = f"{folder}/{checkpoint['step']:07d}.pt"
     error = [None]
-    try:
-        if rank == 0:
+    if dist.get_rank() == 0:
+        try:
             sample.atomic_write(path, lambda f: torch.save(checkpoint, f))
-    except (OSError, RuntimeError) as e:
-        # model, EMA and AdamW's two moments: 16 bytes per parameter
-        need = 16 * sum(p.numel() for p in model.parameters()) / 2**20
-        error[0] = (f"could not save {path} ({str(e).splitlines()[0]}); it needs about "
-                    f"{need:,.0f} MiB: free some space, then --resume from the last checkpoint")
-    if rank == 0 and error[0] is None and args.keep_last > 0:
-        # the newest --keep-last checkpoints stay, this one included
-        for stale in sorted(glob.glob(f"{os.path.dirname(path)}/*.pt"))[:-args.keep_last]:
-            os.remove(stale)
+            if keep_last > 0:
+                prune_checkpoints(folder, checkpoint["step"], keep_last)
+        except (OSError, RuntimeError) as e:
+            # model, EMA and AdamW's two moments: 16 bytes per parameter
+            need = 16 * sum(p.numel() for p in checkpoint["model"].values()) / 2**20
+            error[0] = (f"could not save {path} ({str(e).splitlines()[0]}); it needs about "
+                        f"{need:,.0f} MiB: free some space, then --resume from the last checkpoint")
     # every rank learns whether it worked, so that all stop together
     dist.broadcast_object_list(error)
     if error[0] is not None:
         fail(error[0])
+    return path
 
-def create_logger(experiment_dir, rank):
-    """log(message, metrics): rank 0 prints and appends to log.txt, metrics to metrics.jsonl."""
-    def log(message, metrics=None):
-        if rank != 0:
-            return
-        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
-        print(line, flush=True)
-        with open(f"{experiment_dir}/log.txt", "a") as f:
-            print(line, file=f)
-        if metrics is not None:
-            with open(f"{experiment_dir}/metrics.jsonl", "a") as f:
-                print(json.dumps(metrics), file=f)
-    return log
-
-def log_losses(log, running, keys, log_steps, start, step, total_steps, last_good, args, model):
-    """Sum the losses over the ranks, stop on NaN, and log their means (also to metrics.jsonl)."""
-    totals = running.clone()
-    dist.all_reduce(totals)
-    if totals[-1] > 0:
-        message = (f"loss is NaN/inf at step {step} or before; resume from the last good "
-                   f"checkpoint {last_good} with a lower --lr (or bf16 instead of fp16)")
-        log(message)
-        fail(message)
-    rate = log_steps / (time.time() - start)
-    means = (totals[:-1] / (log_steps * dist.get_world_size())).tolist()
-    metrics = {"step": step, **dict(zip(keys, means)), "steps_per_sec": rate,
-               "img_per_sec": rate * args.global_batch_size}
-    left = round((total_steps - step) / rate)
-    line = (f"(step={step:07d}) " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)
-            + f" | {rate:.2f} steps/s, {metrics['img_per_sec']:.1f} img/s, "
-            + f"ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
-    if running.device.type == "cuda":
-        # training = 3x the forward flops (the backward pass is 2x), 2 flops a multiply-add
-        metrics["tflops"] = 3 * 2 * model.gflops() * metrics["img_per_sec"] / 1e3
-        metrics["peak_gib"] = torch.cuda.max_memory_allocated(running.device) / 2**30
-        line += f" | peak {metrics['peak_gib']:.1f} GiB, {metrics['tflops']:.1f} TFLOP/s"
-    log(line, metrics)
+def prune_checkpoints(folder, step, keep_last):
+    """Keep the newest keep_last of this run's checkpoints up to step; never touch later ones."""
+    # later steps belong to a run resumed from an older checkpoint: not this run's to delete
+    steps = sorted(s for s in checkpoint_steps(folder) if s <= step)
+    for old in steps[:-keep_last]:
+        os.remove(checkpoint_steps(folder)[old])
 
 @torch.no_grad()
-def save_sample_grid(ema, vae, args, path, device):
+def save_sample_grid(ema, vae, args, path):
     """A 4x4 PNG grid of EMA samples (fixed noise and labels); the training RNG is untouched."""
+    device = next(ema.parameters()).device
     size = ema.config["input_size"]
     generator = torch.Generator(device).manual_seed(args.global_seed)
     z = torch.randn(16, ema.in_channels, size, size, generator=generator, device=device)
     y = torch.tensor(sample.default_labels(args.num_classes, 16), device=device)
+    loop = sample.sampling_loop("ddim", 50)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        x = sample.sample(ema, sample.sampling_loop("ddim", 50), z, y, clip_denoised=vae is None)
+        x = sample.sample(ema, loop, z, y, clip_denoised=vae is None)
         grid = sample.make_grid(sample.to_uint8(sample.decode(vae, x)))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sample.atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
-def prepare_fid(args, rank, device):
-    """The Inception network on every rank (loaded once), and rank 0's reference statistics."""
-    # rank 0 first: it downloads the weights, the other ranks then find them in the cache
-    if rank > 0:
-        dist.barrier()
-    inception = fid.load_inception(args.fid_inception, device)
-    if rank > 0:
-        return inception, None
-    reference = fid.reference(args.fid_ref, inception, 50)[0]
-    dist.barrier()
-    return inception, reference
-
-def fid_images(ema, vae, args, rank, world_size, device):
-    """This rank's share of the FID samples, batches of uint8 images (a generator of its own)."""
-    generator = torch.Generator(device).manual_seed(args.global_seed * world_size + rank)
-    per_rank = math.ceil(args.fid_num_samples / world_size)
-    cfg_scale = args.fid_cfg_scale if args.fid_cfg_scale > 1 else None
-    loop = sample.sampling_loop("ddim", args.fid_steps)
-    return sample.generate(ema, vae, loop, per_rank, args.global_batch_size // world_size,
-                           generator, cfg_scale, clip_denoised=vae is None)
-
 @torch.no_grad()
-def evaluate_fid(ema, vae, args, inception, reference, step, log, device):
-    """Log FID and Inception Score of the EMA's samples against the reference (all ranks sample)."""
-    rank = dist.get_rank()
+def evaluate_fid(ema, vae, args, inception, reference):
+    """FID and Inception Score of the EMA's samples (all ranks sample) -> dict on rank 0."""
     world_size = dist.get_world_size()
     features = []
+    device = next(ema.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for images, _ in fid_images(ema, vae, args, rank, world_size, device):
+        for images in fid_images(ema, vae, args, dist.get_rank(), world_size, device):
             pool3, _, logits = inception(images)
             features.append(torch.cat([pool3, logits], 1))  # (B, 2048 + 1008)
     features = torch.cat(features)
     gathered = [torch.empty_like(features) for _ in range(world_size)]
     dist.all_gather(gathered, features)
-    if rank > 0:
-        return
+    if dist.get_rank() > 0:
+        return None
     features = torch.cat(gathered)[: args.fid_num_samples].double().cpu().numpy()
     fid_value = fid.frechet_distance(*fid.statistics(features[:, :2048]), *reference)
-    inception_score = fid.inception_score(features[:, 2048:])
-    log(f"(step={step:07d}) FID {fid_value:.4f}, IS {inception_score:.4f} "
-        f"({args.fid_num_samples} EMA samples, DDIM-{args.fid_steps})",
-        {"step": step, "fid": fid_value, "is": inception_score})
+    return {"fid": fid_value, "is": fid.inception_score(features[:, 2048:])}
 
-#################################################################################
-#                                 Training Loop                                 #
-#################################################################################
-
-def check_args(args, world_size):
-    """Check the inputs before anything is downloaded or computed (parse_args checks the flags)."""
-    if args.global_batch_size % world_size:
-        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} "
-             f"processes; use a multiple of {world_size}")
-    if args.latent_cache and args.vae == "none":
-        fail("--latent-cache needs a VAE; drop it for pixel-space training (--vae none)")
-    try:
-        kwargs = json.loads(args.model_kwargs)
-        # built on the meta device (no memory, no compute): unknown names, heads, block designs
-        with torch.device("meta"):
-            create_dit(args.model, **{**kwargs, "input_size": kwargs.get("patch_size", 8)})
-    except (ValueError, TypeError) as e:
-        fail(f"--model-kwargs {args.model_kwargs} is not a JSON object of DiT arguments ({e}); "
-             "e.g. '{\"depth\": 4}'")
-    # canonical, so that --resume compares the arguments, not their spelling
-    args.model_kwargs = json.dumps(kwargs, sort_keys=True)
-    if not os.path.isdir(args.data_path):
-        fail(f"--data-path {args.data_path} is not a folder; put the images in <it>/<class>/")
-    classes, samples = find_images(args.data_path)
-    if not samples:
-        fail(f"--data-path {args.data_path} has no images ({' '.join(IMAGE_EXTENSIONS)}) in "
-             "class sub-folders; put them in <data-path>/<class>/")
-    if args.num_classes != 1 and len(classes) > args.num_classes:
-        fail(f"--data-path has {len(classes)} class folders but --num-classes is "
-             f"{args.num_classes}; raise it (or use 1: unconditional)")
-    if math.ceil(len(samples) / world_size) < args.global_batch_size // world_size:
-        fail(f"{len(samples)} images do not fill a batch of {args.global_batch_size}; lower "
-             "--global-batch-size")
-    if not any(read_image(path, args.image_size) is not None for path, _ in samples):
-        fail(f"none of the {len(samples)} images in --data-path can be read")
-    meta = f"{args.latent_cache}/meta.json"
-    if args.latent_cache and os.path.exists(meta):
-        with open(meta) as f:
-            if json.load(f) != cache_meta(args, samples):
-                fail(f"--latent-cache {args.latent_cache} holds other images or settings; delete "
-                     "it or use another folder")
-    if args.resume and not os.path.exists(args.resume):
-        fail(f"--resume {args.resume} does not exist; give a checkpoint or an experiment folder")
-    if args.fid_every and not (args.fid_ref and os.path.exists(args.fid_ref)):
-        fail(f"--fid-ref {args.fid_ref} does not exist; --fid-every needs an ADM .npz, a "
-             "fid.py --save-stats .npz or an image folder")
-    if args.fid_every and args.fid_inception and not os.path.isfile(args.fid_inception):
-        fail(f"--fid-inception {args.fid_inception} is not a file")
-    try:
-        create_diffusion(f"ddim{args.fid_steps}")
-    except ValueError as e:
-        fail(f"--fid-steps {args.fid_steps}: {e}")
-    return classes, samples
-
-def load_resume(args, model):
-    """(checkpoint, path) to resume: the file, or the newest checkpoint of an experiment folder."""
-    path = args.resume
-    if os.path.isdir(path):
-        # zero-padded step numbers: the newest sorts last
-        path = max(glob.glob(f"{path}/**/*.pt", recursive=True), key=os.path.basename,
-                   default=f"{path}/checkpoints/*.pt")
-    try:
-        # memory-mapped: the ranks of a node share one copy in the page cache
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        ckpt["step"]
-    except Exception as e:
-        fail(f"--resume {path} is not a checkpoint written by this train.py ({type(e).__name__})")
-    for key in ("model", "model_kwargs", "image_size", "num_classes", "global_batch_size",
-                "global_seed", "vae"):
-        if ckpt["args"].get(key) != getattr(args, key):
-            fail(f"--resume {path} was trained with --{key.replace('_', '-')} "
-                 f"{ckpt['args'].get(key)}, not {getattr(args, key)}; pass the same value")
-    model.load_state_dict(ckpt["model"])
-    return ckpt, path
-
-def experiment_folder(args, resume_path, rank):
-    """The run's folder: the resumed checkpoint's experiment, else a new results/NNN-<model>."""
-    checkpoints = os.path.dirname(os.path.abspath(resume_path or "."))
-    if resume_path and os.path.basename(checkpoints) == "checkpoints":
-        return os.path.dirname(checkpoints)
-    # a new folder in the official layout (also for a checkpoint kept elsewhere)
-    shared = [None]
-    if rank == 0:
-        os.makedirs(args.results_dir, exist_ok=True)
-        index = len(glob.glob(f"{args.results_dir}/*"))
-        shared[0] = f"{args.results_dir}/{index:03d}-{args.model.replace('/', '-')}"
-        os.makedirs(f"{shared[0]}/checkpoints")
-    dist.broadcast_object_list(shared)
-    return shared[0]
-
-def build_dataset(args, samples, vae, device, log):
-    """The training images, or their VAE posteriors from --latent-cache (built on first use)."""
-    if not args.latent_cache:
-        return ImageFolder(samples, args.image_size)
-    if not os.path.exists(f"{args.latent_cache}/meta.json"):
-        build_cache(args, samples, vae, device)
-        log(f"Wrote latent cache {args.latent_cache}: {len(samples):,} images and their mirrors")
-    return LatentCache(args.latent_cache)
-
-def build_state(model, ckpt, args, rank, world_size, device):
-    """(net, ema, opt, scaler): fresh, or restored from ckpt with every rank's random state."""
-    model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0,
-                            fused=device.type in ("cuda", "cpu"))
-    # fp16 needs loss scaling; bf16 and fp32 do not
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    net = model
-    if world_size > 1:
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        net = torch.compile(net)
-    # after DDP, which broadcast rank 0's weights: the EMA starts as a copy of them
-    ema = deepcopy(model).requires_grad_(False).eval()
-    if ckpt is None:
-        return net, ema, opt, scaler
-    ema.load_state_dict(ckpt["ema"])
-    opt.load_state_dict(ckpt["opt"])
-    if ckpt["scaler"] is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    if ckpt["world_size"] != world_size:
-        # another number of processes: fresh streams, so the resume is not bit-exact
-        torch.manual_seed((args.global_seed * world_size + rank) * 1_000_003 + ckpt["step"])
-        return net, ema, opt, scaler
-    # every rank continues its own random streams: the resume is exact
-    torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-    if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
-        torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-    return net, ema, opt, scaler
-
-def train(args, rank, world_size, device):
-    """Check the inputs, build or restore the training state, then run the official loop."""
-    classes, samples = check_args(args, world_size)
-    vae = None if args.vae == "none" else load_vae(args.vae, device=device)
-    model = sample.build_model(args, vae)
-    model.grad_checkpointing = args.grad_checkpointing
-    ckpt, last_good = load_resume(args, model) if args.resume else (None, None)
-    experiment_dir = experiment_folder(args, last_good, rank)
-    log = create_logger(experiment_dir, rank)
-    log(f"Resuming from {last_good}" if ckpt else f"New experiment {experiment_dir}")
-    dataset = build_dataset(args, samples, vae, device, log)
-    net, ema, opt, scaler = build_state(model, ckpt, args, rank, world_size, device)
-    inception, reference = prepare_fid(args, rank, device) if args.fid_every else (None, None)
-    diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)
-    ctx = torch.autocast(device.type, dtype=AMP[args.precision], enabled=args.precision != "fp32")
-    steps_per_epoch = math.ceil(len(samples) / world_size) // (args.global_batch_size // world_size)
-    total_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
-    step, epoch, start_batch = (ckpt["step"], ckpt["epoch"], ckpt["batch"]) if ckpt else (0, 0, 0)
-    log(f"{len(samples):,} images in {len(classes)} classes, {model.gflops():.2f} Gflops/image DiT "
-        f"of {sum(p.numel() for p in model.parameters()):,} parameters; steps {step} to "
-        f"{total_steps} in {args.precision}, {world_size} process(es)")
-
-    # Important: train mode enables the label dropout that classifier-free guidance needs
-    model.train()
-    keys = ["loss", "mse", "vb"] if model.learn_sigma else ["loss", "mse"]
-    # the losses summed on the device, and a NaN flag: the loop syncs with the host only to log
-    running = torch.zeros(len(keys) + 1, device=device)
-    log_steps = 0
-    start_time = time.time()
-    while step < total_steps:
-        items = epoch_order(len(samples), epoch, args.global_seed, rank, world_size)
-        skip = start_batch * (args.global_batch_size // world_size)
-        loader = data_loader(dataset, items[skip:], args, device)
-        for batch_index, (x, y) in enumerate(loader, start=start_batch):
-            x = to_latent(x.to(device, non_blocking=True), vae, cached=bool(args.latent_cache))
-            # unconditional models (--num-classes 1) see every image as class 0
-            y = y.to(device, non_blocking=True) * (args.num_classes > 1)
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            # forward and loss under autocast (bf16/fp16 matmuls, float32 loss math)
-            with ctx:
-                loss_dict = diffusion.training_losses(net, x, t, dict(y=y))
-            loss = loss_dict["loss"].mean()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            update_ema(ema, model, args.ema_decay)
-
-            # Log loss values:
-            with torch.no_grad():
-                means = torch.stack([loss_dict[k].mean() for k in keys])
-                running += torch.cat([means, (~torch.isfinite(means).all())[None]])
-            step += 1
-            log_steps += 1
-            done = step >= total_steps
-            save = step % args.ckpt_every == 0 or done
-            if step % args.log_every == 0 or save:
-                # before any checkpoint is written: a NaN loss stops the run here
-                log_losses(log, running, keys, log_steps, start_time, step, total_steps, last_good,
-                           args, model)
-                running.zero_()
-                log_steps = 0
-                start_time = time.time()
-
-            # Save DiT checkpoint:
-            if save:
-                last_good = f"{experiment_dir}/checkpoints/{step:07d}.pt"
-                position = (step, epoch, batch_index + 1)
-                save_checkpoint(last_good, model, ema, opt, scaler, args, position, device)
-                log(f"Saved checkpoint to {last_good}")
-
-            # Monitor: EMA sample grids and FID
-            if args.sample_every and (step % args.sample_every == 0 or done) and rank == 0:
-                save_sample_grid(ema, vae, args, f"{experiment_dir}/samples/{step:07d}.png", device)
-                log(f"Saved EMA samples to {experiment_dir}/samples/{step:07d}.png")
-            if args.fid_every and (step % args.fid_every == 0 or done):
-                evaluate_fid(ema, vae, args, inception, reference, step, log, device)
-            if done:
-                break
-        epoch += 1
-        start_batch = 0
-    log("Done!")
-    # every rank done before the process group goes (gloo aborts if one leaves too early)
-    dist.barrier()
-
-def parse_args(argv=None):
-    """The official flags and defaults, plus resume, caching, speed and monitoring flags."""
-    p = argparse.ArgumentParser(prog="train.py", description="Train a class-conditional DiT "
-                                "with DDP.", epilog=EXAMPLES, formatter_class=Help)
-    p.add_argument("--data-path", type=str, required=True, help="folder of <class>/<images>")
-    p.add_argument("--results-dir", type=str, default="results", help="experiments go here")
-    p.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2")
-    p.add_argument("--image-size", type=count(1), default=256, help="pixels (square)")
-    p.add_argument("--num-classes", type=count(1), default=1000, help="1: unconditional")
-    p.add_argument("--epochs", type=count(1), default=1400, help="passes over the data")
-    p.add_argument("--global-batch-size", type=count(1), default=256, help="over all processes")
-    p.add_argument("--global-seed", type=int, default=0, help="data order, weights, noise")
-    p.add_argument("--vae", type=str, default="ema", help="ema, mse, repo id, folder, file; none")
-    p.add_argument("--num-workers", type=count(0),
-                   help="loader processes per process (default: 4 with a GPU, 0 on the CPU)")
-    p.add_argument("--log-every", type=count(1), default=100, help="steps between log lines")
-    p.add_argument("--ckpt-every", type=count(1), default=50_000, help="steps between checkpoints")
-    p.add_argument("--lr", type=number(0, math.inf), default=1e-4, help="AdamW learning rate")
-    p.add_argument("--ema-decay", type=number(0, 1), default=0.9999,
-                   help="0.9999^N of the initial weights remain after N steps; short runs: 0.999")
-    p.add_argument("--max-steps", type=count(1), help="stop (and save) at this step")
-    p.add_argument("--resume", type=str, help="a checkpoint, or an experiment folder (its newest)")
-    p.add_argument("--keep-last", type=count(0), default=0, help="keep the newest N (0: all)")
-    p.add_argument("--latent-cache", type=str, help="folder of the data's VAE latents (made once)")
-    p.add_argument("--sample-every", type=count(0), default=0, help="EMA sample grid every N steps")
-    p.add_argument("--precision", choices=list(AMP), default="fp32", help="autocast dtype")
-    p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions on GPUs")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--grad-checkpointing", action="store_true", help="less memory, more compute")
-    p.add_argument("--model-kwargs", type=str, default="{}", help="JSON of DiT arguments over "
-                   "--model, e.g. '{\"depth\": 4}'")
-    p.add_argument("--fid-every", type=count(0), default=0, help="FID and IS every N steps, at end")
-    p.add_argument("--fid-ref", type=str, help="FID reference: ADM .npz, stats .npz, images")
-    p.add_argument("--fid-num-samples", type=count(2), default=10_000, help="EMA samples per FID")
-    p.add_argument("--fid-steps", type=count(1), default=50, help="DDIM steps of the FID samples")
-    p.add_argument("--fid-cfg-scale", type=number(0, math.inf), default=1.0, help="1: unguided")
-    p.add_argument("--fid-inception", type=str, help="weights file (default: fid.py's download)")
-    return p.parse_args(argv)
-
-EXAMPLES = """examples:
-  python train.py --model DiT-XL/2 --data-path /imagenet/train --precision bf16 --tf32
-  torchrun --nproc_per_node=8 train.py --model DiT-XL/2 --data-path /imagenet/train \\
-      --fid-every 50000 --fid-ref VIRTUAL_imagenet256_labeled.npz
-  python train.py --model DiT-S/2 --vae none --image-size 8 --num-classes 10 \\
-      --data-path digits --ema-decay 0.99 --max-steps 1500 --sample-every 500"""
-
-def main(argv=None):
-    """Join the process group (torchrun's, a group of one, or the caller's), train, leave."""
-    args = parse_args(argv)
-    own_group = not dist.is_initialized()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if own_group:
-        # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; plain python: one process
-        alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
-        dist.init_process_group(backend, **alone)
-    rank = dist.get_rank()
-    world_size = dist.get_world_size()
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    # The official script always enables TF32; here it is opt-in, so fp32 means fp32:
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32
-    # as official: each rank its own random stream
-    torch.manual_seed(args.global_seed * world_size + rank)
-    try:
-        train(args, rank, world_size, device)
-    except (OSError, ValueError) as e:
-        # a failed download, a corrupt file: one line that says what to do
-        fail(str(e))
-    finally:
-        # DDP's reducer sits in a reference cycle and holds the group: freed first, or gloo may
-        # abort the process at exit ("terminate called without an active exception")
-        gc.collect()
-        if own_group:
-            dist.destroy_process_group()
+def fid_images(ema, vae, args, rank, world_size, device):
+    """This rank's share of the FID samples, batches of uint8 images (a generator of its own)."""
+    generator = torch.Generator(device).manual_seed(args.global_seed * world_size + rank)
+    per_rank = math.ceil(args.fid_num_samples / world_size)
+    batch_size = args.global_batch_size // world_size
+    guidance = dict(cfg_scale=args.fid_cfg_scale) if args.fid_cfg_scale > 1 else None
+    loop = sample.sampling_loop("ddim", args.fid_steps)
+    for i in range(0, per_rank, batch_size):
+        n = min(batch_size, per_rank - i)
+        images, _ = sample.generate(ema, vae, loop, n, generator, guidance)
+        yield images
 
 if __name__ == "__main__":
     main()

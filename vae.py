@@ -178,7 +178,14 @@ class AutoencoderKL(nn.Module):
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def encode(self, x):
-        """Images (N, C, H, W) in [-1, 1] -> posterior over latents (N, latent, H/f, W/f)."""
+        """
+        The posterior q(z|x) of images.
+
+        :param x: (N, in_channels, H, W) float images in [-1, 1]; H and W multiples of
+                  downsample_factor f (8 for SD VAEs).
+        :return: a DiagonalGaussian over (N, latent_channels, H/f, W/f) unscaled latents: for
+                 DiT's, (z.sample() - shift_factor) * scaling_factor.
+        """
         f = self.downsample_factor
         H, W = x.shape[-2:]
         if H % f or W % f or H == 0 or W == 0:
@@ -187,7 +194,13 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(moments)
 
     def decode(self, z):
-        """Latents (N, latent, h, w), unscaled -> images (N, C, h*f, w*f) in about [-1, 1]."""
+        """
+        Images of latents.
+
+        :param z: (N, latent_channels, h, w) unscaled latents: DiT's / scaling_factor +
+                  shift_factor.
+        :return: (N, out_channels, h*f, w*f) images in about [-1, 1], in z's dtype (clamp them).
+        """
         pixels = z.shape[-2] * z.shape[-1] * self.downsample_factor ** 2
         return self._sliced(nn.Sequential(self.post_quant_conv, self.decoder), z, pixels)
 
@@ -289,7 +302,16 @@ def infer_config(sd, path):
                 use_post_quant_conv="post_quant_conv.weight" in sd)
 
 def load_vae(name_or_path="stabilityai/sd-vae-ft-ema", device="cpu", dtype=torch.float32):
-    """A ready AutoencoderKL (eval, frozen) from "ema"/"mse", a Hub repo id, a folder or a file."""
+    """
+    A ready AutoencoderKL: eval mode, no gradients, weights from the source.
+
+    :param name_or_path: "ema" or "mse" (stabilityai/sd-vae-ft-ema, -mse), a Hugging Face repo
+                         id, a diffusers folder, or a weights file (.safetensors, .bin, .pt,
+                         .ckpt; diffusers or LDM names, or a whole SD checkpoint).
+    :param device: where the model runs.
+    :param dtype: float32, bfloat16, or float16 (the full-resolution layers then stay float32).
+    :return: the AutoencoderKL, with scaling_factor and shift_factor from its config.json.
+    """
     weights, config = vae_files(SHORTHANDS.get(name_or_path, str(name_or_path)))
     if weights.endswith(".safetensors"):
         sd = load_safetensors(weights)

@@ -94,7 +94,8 @@ def main():
 
             def run_ours():
                 """sample.py's sampling call (guidance on the first 3 channels, as official)."""
-                return sample.sample(ours, ours_loop, z, y, 4.0, precision=precision)
+                with sample.autocast(z.device, precision):
+                    return sample.sample(ours, ours_loop, z, y, dict(cfg_scale=4.0))
 
             def run_official():
                 """The official sample.py's guided loop (with DDIM), under autocast for bf16."""

@@ -26,7 +26,8 @@ def run(model, vae, loop, z, y, cfg_scale, clip):
     """Decoded samples (N, 3, H, W) in [-1, 1] and the seconds they took."""
     start = time.time()
     with torch.no_grad():
-        x = sample.sample(model, loop, z, y, cfg_scale, None, clip_denoised=clip)
+        guidance = None if cfg_scale is None else dict(cfg_scale=cfg_scale, cfg_channels=None)
+        x = sample.sample(model, loop, z, y, guidance, clip_denoised=clip)
         images = sample.decode(vae, x).clamp(-1, 1)
     return images, time.time() - start
 

@@ -248,7 +248,7 @@ def model_checks():
         # unclipped: a random DiT drives clipped pixels to 0 or 255
         loop = sample.sampling_loop("ddim", 10)
         return [sample.sample(copy.deepcopy(model).to(device), loop, noise.to(device),
-                              torch.tensor([0, 1, 0, 1], device=device), cfg_scale=4.0)]
+                              torch.tensor([0, 1, 0, 1], device=device), dict(cfg_scale=4.0))]
     name = "DiT sampling cuda vs cpu, same noise"
     guarded(lambda: cuda_vs_cpu(name, ddim, 1e-4, "toy DiT, DDIM-10, guidance 4, fp32 (fp64 "
                                 "differs by 2e-7)"), name, gpu_only=True)
@@ -412,8 +412,9 @@ def speed_data(c, batch):
     np.save(f"{cache}/latents.npy", np.resize(latents, (n, *latents.shape[1:])))
     np.save(f"{cache}/labels.npy", np.resize(np.load(f"{WORK}/cache/labels.npy"), n))
     args = argparse.Namespace(data_path=data, image_size=c["size"], vae=f"{WORK}/vae")
+    meta = train.cache_meta(args, train.find_images(data)[1], vae.load_vae(args.vae))
     with open(f"{cache}/meta.json", "w") as f:
-        json.dump(train.cache_meta(args, train.find_images(data)[1]), f)
+        json.dump(meta, f)
     return data, cache
 
 def train_speed(label, flags, c, batch, data, cache, timeout):
@@ -464,11 +465,17 @@ def inference_speed(c):
     images = torch.randint(0, 256, (c["fid_batch"], 3, size, size), dtype=torch.uint8, device=GPU)
     on = f"{size}x{size}"
     # (name, work, images per call (of a 250-step run), calls, TF32 as the script, note)
-    work = [(f"sampling DDPM-250 cfg {p}", lambda p=p: sample.sample(
-                model, sample.sampling_loop("ddpm", k), z, y, 4.0, precision=p), n * k / 250, 1,
+    def guided(p):
+        with sample.autocast(GPU, p):
+            return sample.sample(model, sample.sampling_loop("ddpm", k), z, y, dict(cfg_scale=4.0))
+
+    def decode(p):
+        with sample.autocast(GPU, p):
+            return sample.decode(v, latents)
+    work = [(f"sampling DDPM-250 cfg {p}", lambda p=p: guided(p), n * k / 250, 1,
              True, f"{c['model']}, {on}, batch {n} (x2 guided), {k} of 250 steps timed, no VAE")
             for p in ("bf16", "fp32")]
-    work += [(f"VAE decode {p}", lambda p=p: sample.decode(v, latents, p), len(latents),
+    work += [(f"VAE decode {p}", lambda p=p: decode(p), len(latents),
               c["reps"], True, f"{on}, batch {len(latents)}") for p in ("bf16", "fp32")]
     work += [("Inception features", lambda: inception(images), len(images), c["reps"], False,
               f"uint8 {on} -> 299x299, batch {len(images)}, fp32 (as fid.py)")]
