@@ -484,8 +484,7 @@ def design(sd, config=None):
     if "blocks.0.cross_attn.q.weight" in sd:
         block = "cross-attention"
     # a state dict does not store the head count: a train.py config does, the presets imply it
-    presets = {(f.keywords["depth"], f.keywords["hidden_size"]): f.keywords["num_heads"]
-               for f in DiT_models.values()}
+    presets = {(d, h): heads for d, h, heads in SIZES.values()}
     heads = (config or {}).get("num_heads", presets.get((depth, D)))
     return dict(depth=depth, hidden_size=D, num_heads=heads, patch_size=p, mlp_ratio=mlp / D,
                 block=block)

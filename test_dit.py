@@ -3740,3 +3740,134 @@ def test_dit_load_pretrained_bad_input_is_one_line(sd, classes, message):
     with pytest.raises(ValueError) as e:
         dit.load_pretrained(model, sd or ft_source()[1], init_classes=classes)
     assert str(e.value) == message
+
+
+@pytest.fixture(scope="module")
+def ft_source_run(tmp_path_factory):
+    """A 1-step tiny pixel run (16x16 images, 2 classes) to fine-tune from: its checkpoint."""
+    tmp = tmp_path_factory.mktemp("ft_source")
+    return str(pixel_run(tmp, "--max-steps", "1") / "000-DiT-S-8" / "checkpoints" / "0000001.pt")
+
+
+def ft_run(tmp_path, source, *extra, classes=3):
+    """Fine-tune the tiny pixel model from source on `classes` classes; returns its results root."""
+    data = tmp_path / f"data{classes}"
+    if not data.exists():
+        write_images(data, per_class=(2,) * classes)
+    run_inline([*PIXEL, "--data-path", str(data), "--results-dir", str(tmp_path / "r"),
+                "--num-classes", str(classes), "--init-from", source, *extra])
+    return tmp_path / "r"
+
+
+def test_train_init_from_loads_what_fits_then_sample_needs_no_flag(tmp_path, ft_source_run):
+    """Another class count and 2x the image size: the source's EMA in every tensor that fits, the
+    chosen label rows and the null row, the new grid's pos_embed; a new run at step 0; sample.py
+    --ckpt then samples it."""
+    source = load(ft_source_run)
+    # no learning and an EMA equal to the model: the checkpoint holds what was loaded
+    root = ft_run(tmp_path, ft_source_run, "--image-size", "32", "--init-classes", "1", "0", "1",
+                  "--lr", "0", "--ema-decay", "0", "--max-steps", "1")
+    ckpt = load(root / "000-DiT-S-8" / "checkpoints" / "0000001.pt")
+    assert ckpt["step"] == 1 and ckpt["config"]["num_classes"] == 3
+    # a fresh optimizer (parameter 0 is the frozen pos_embed)
+    assert all(s["step"] == 1 for s in ckpt["opt"]["state"].values())
+    old = source["ema"]
+    for part in ("model", "ema"):
+        sd = ckpt[part]
+        for k, v in sd.items():
+            if k not in ("pos_embed", "y_embedder.embedding_table.weight"):
+                assert torch.equal(v, old[k]), (part, k)
+        assert torch.equal(sd["y_embedder.embedding_table.weight"],
+                           old["y_embedder.embedding_table.weight"][[1, 0, 1, 2]])
+        assert torch.equal(sd["pos_embed"][0], dit.get_2d_sincos_pos_embed(32, 4).float())
+    # the EMA, not the live weights
+    key = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(old[key], source["model"][key])
+    log = open(root / "000-DiT-S-8" / "log.txt").read()
+    assert (f"Initialized from {ft_source_run}: loaded 30 of 32 tensors; rebuilt label table for 3 "
+            "classes (the checkpoint has 2; classes from its rows 1 0 1, null row copied), "
+            "pos_embed of the 4x4 patch grid (sin-cos; was 2x2)\n") in log
+    out = tmp_path / "a.png"
+    sample.main(["--ckpt", str(root / "000-DiT-S-8" / "checkpoints" / "0000001.pt"),
+                 "--num-sampling-steps", "2", "--out", str(out)])
+    # 8 images of 32x32 (labels 0, 1, 2, 0, ...) in 2 rows of 4
+    assert np.asarray(Image.open(out)).shape == (2 * 34 + 2, 4 * 34 + 2, 3)
+
+
+def test_train_init_from_run_trains_and_resumes_exactly(tmp_path, ft_source_run):
+    """A fine-tuning run learns (its weights move), and stopped at step 1 and resumed to step 3 it
+    ends bit for bit where the straight run ends."""
+    common = ["--lr", "1e-3", "--ema-decay", "0.5"]
+    ft_run(tmp_path / "a", ft_source_run, *common, "--max-steps", "3")
+    ft_run(tmp_path / "b", ft_source_run, *common, "--max-steps", "1")
+    exp = tmp_path / "b" / "r" / "000-DiT-S-8"
+    run_inline([*PIXEL, "--data-path", str(tmp_path / "b" / "data3"), "--num-classes", "3",
+                "--results-dir", str(tmp_path / "b" / "r"), *common, "--max-steps", "3",
+                "--resume", str(exp)])
+    straight = load(tmp_path / "a" / "r" / "000-DiT-S-8" / "checkpoints" / "0000003.pt")
+    resumed = load(exp / "checkpoints" / "0000003.pt")
+    for part in ("model", "ema"):
+        for k, v in straight[part].items():
+            assert torch.equal(v, resumed[part][k]), (part, k)
+    for p, s in straight["opt"]["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, resumed["opt"]["state"][p][k]), (p, k)
+    assert torch.equal(straight["rng"][0]["cpu"], resumed["rng"][0]["cpu"])
+    key = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(straight["model"][key], load(ft_source_run)["ema"][key])
+    assert "Resuming from" in open(exp / "log.txt").read()
+
+
+def test_train_init_from_official_name_is_downloaded_once(tmp_path, ft_source_run, http_server,
+                                                        monkeypatch):
+    """--init-from DiT-XL-2-256x256.pt is found as sample.py --ckpt finds it (here: a state dict
+    served locally in its place), downloaded into the cache once."""
+    (http_server.root / "DiT").mkdir()
+    torch.save(load(ft_source_run)["ema"], http_server.root / "DiT" / "DiT-XL-2-256x256.pt")
+    monkeypatch.setenv("DIT_WEIGHTS_URL", http_server.url + "/DiT")
+    for _ in range(2):
+        root = ft_run(tmp_path, "DiT-XL-2-256x256.pt", "--max-steps", "1", classes=2)
+    assert http_server.log == ["GET /DiT/DiT-XL-2-256x256.pt"]
+    log = open(root / "001-DiT-S-8" / "log.txt").read()
+    assert "Initialized from DiT-XL-2-256x256.pt: loaded 32 of 32 tensors: all" in log
+
+
+@pytest.mark.parametrize("case, message", [
+    ("with-resume", "--init-from starts a new run and --resume continues one; give only one of "
+                    "them"),
+    ("classes-count", "--init-classes gives 2 old classes for --num-classes 3; give one per new "
+                      "class (or leave it out: new label rows)"),
+    ("classes-alone", "--init-classes picks rows of --init-from's label table; give --init-from "
+                      "too"),
+    ("missing", "--init-from {tmp}/nope.pt is not a file; give a checkpoint, a state dict or one "
+                "of DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt"),
+    ("not-a-checkpoint", "--init-from {tmp}/junk.pt: {tmp}/junk.pt is not a readable checkpoint: "
+                         "empty, truncated or not a PyTorch file"),
+    ("not-a-dit", "--init-from {tmp}/other.pt: the checkpoint holds no DiT weights (missing or odd "
+                  "'x_embedder.proj.weight')"),
+    ("depth", "--init-from {src}: depth 2 in the checkpoint, 3 in the model: fine-tuning may "
+              "change only the classes, the image size and the channels"),
+    ("width", "--init-from {src}: hidden_size 32 in the checkpoint, 64 in the model: fine-tuning"),
+    ("classes-range", "--init-from {src}: init_classes [2] are not classes of the checkpoint, "
+                      "which has 2 (0 to 1)"),
+], ids=["with-resume", "classes-count", "classes-alone", "missing", "not-a-checkpoint",
+        "not-a-dit", "depth", "width", "classes-range"])
+def test_train_init_from_bad_input_is_one_line(tmp_path, ft_source_run, case, message):
+    (tmp_path / "junk.pt").write_bytes(os.urandom(100))
+    torch.save({"net": torch.zeros(2)}, tmp_path / "other.pt")
+    flags = {"with-resume": ["--resume", ft_source_run],
+             "classes-count": ["--init-classes", "0", "1"],
+             "classes-alone": ["--init-from", "", "--init-classes", "0", "1", "1"],
+             "missing": ["--init-from", str(tmp_path / "nope.pt")],
+             "not-a-checkpoint": ["--init-from", str(tmp_path / "junk.pt")],
+             "not-a-dit": ["--init-from", str(tmp_path / "other.pt")],
+             "depth": ["--model-kwargs", '{"depth": 3, "hidden_size": 32, "num_heads": 2}'],
+             "width": ["--model-kwargs", '{"depth": 2, "hidden_size": 64, "num_heads": 2}'],
+             "classes-range": ["--init-classes", "0", "1", "2"]}[case]
+    with pytest.raises(SystemExit) as e:
+        ft_run(tmp_path, ft_source_run, *flags)
+    expected = "train.py: error: " + message.format(tmp=tmp_path, src=ft_source_run)
+    assert str(e.value).startswith(expected), str(e.value)
+    assert "\n" not in str(e.value)
+    # nothing was made
+    assert not os.path.exists(tmp_path / "r")

@@ -33,6 +33,7 @@ import fid
 import sample
 from sample import Help, count, number
 from diffusion import create_diffusion, progress
+import dit
 from dit import DiT_models, create_dit
 from vae import load_vae
 
@@ -110,6 +111,10 @@ def parse_args(argv=None):
                    help="0.9999^N of the initial weights remain after N steps; short runs: 0.999")
     p.add_argument("--max-steps", type=count(1), help="stop (and save) at this step")
     p.add_argument("--resume", type=str, help="a checkpoint, or an experiment folder (its last)")
+    p.add_argument("--init-from", type=str, metavar="CKPT",
+                   help="fine-tune: a new run from a checkpoint's weights, or DiT-XL-2-256x256.pt")
+    p.add_argument("--init-classes", type=count(0), nargs="+", metavar="OLD",
+                   help="new class i starts from --init-from's class OLD_i")
     p.add_argument("--keep-last", type=count(0), default=0, help="keep the newest N (0: all)")
     p.add_argument("--latent-cache", type=str, help="folder of the data's VAE latents (made once)")
     p.add_argument("--sample-every", type=count(0), default=0, help="EMA sample grid every N steps")
@@ -154,6 +159,8 @@ def train(args, rank, world_size, device):
     model.grad_checkpointing = args.grad_checkpointing
     if ckpt:
         model.load_state_dict(ckpt["model"])
+    # fine-tuning: the weights of --init-from that fit this model; the rest as DiT initializes it
+    loaded = init_from(args, model, rank) if args.init_from else None
     model.to(device)
     net = model
     if world_size > 1:
@@ -174,6 +181,8 @@ def train(args, rank, world_size, device):
     experiment_dir = experiment_folder(args, last_good, rank)
     log = create_logger(experiment_dir, rank)
     log(f"Resuming from {last_good}" if ckpt else f"New experiment {experiment_dir}")
+    if loaded:
+        log(loaded)
     log(describe_classes(classes))
 
     # Setup optimizer (the official: AdamW, constant lr, no weight decay) and loss scaler:
@@ -321,6 +330,17 @@ def check_args(args, world_size):
              "--global-batch-size")
     if not any(read_image(path, args.image_size) is not None for path, _ in samples):
         fail(f"none of the {len(samples)} images in --data-path can be read")
+    if args.init_from and args.resume:
+        fail("--init-from starts a new run and --resume continues one; give only one of them")
+    if args.init_classes and len(args.init_classes) != args.num_classes:
+        fail(f"--init-classes gives {len(args.init_classes)} old classes for --num-classes "
+             f"{args.num_classes}; give one per new class (or leave it out: new label rows)")
+    if args.init_classes and not args.init_from:
+        fail("--init-classes picks rows of --init-from's label table; give --init-from too")
+    official = args.init_from in dit.PRETRAINED
+    if args.init_from and not official and not os.path.isfile(args.init_from):
+        fail(f"--init-from {args.init_from} is not a file; give a checkpoint, a state dict or one "
+             f"of {', '.join(dit.PRETRAINED)}")
     if args.resume and not os.path.exists(args.resume):
         fail(f"--resume {args.resume} does not exist; give a checkpoint or an experiment folder")
     if args.fid_every and not (args.fid_ref and os.path.exists(args.fid_ref)):
@@ -438,7 +458,7 @@ def load_resume(args, classes):
     needed = {"model", "ema", "opt", "args", "step", "epoch", "batch", "rng", "world_size"}
     if not (isinstance(ckpt, dict) and needed <= ckpt.keys() and isinstance(ckpt["args"], dict)):
         fail(f"--resume {path} is not a checkpoint written by this train.py (it lacks the "
-             "training state); to start from its weights, train a new run")
+             "training state); to start from its weights, use --init-from")
     for key in ("model", "model_kwargs", "image_size", "num_classes", "global_batch_size",
                 "global_seed", "vae"):
         if ckpt["args"].get(key) != getattr(args, key):
@@ -450,6 +470,23 @@ def load_resume(args, classes):
              f"{classes[:5]}... of --data-path; pass the data it was trained on")
     ckpt["path"] = path
     return ckpt
+
+def init_from(args, model, rank):
+    """Load --init-from's weights (a train.py run: its EMA) into the new model -> a log line."""
+    # rank 0 first: it downloads an official checkpoint, the other ranks then find it cached
+    if rank > 0:
+        dist.barrier()
+    try:
+        ckpt = dit.load_checkpoint(args.init_from)
+        # a train.py checkpoint: its EMA, and its config (class count, null row, heads)
+        config = ckpt.get("config") if "ema" in ckpt else None
+        report = dit.load_pretrained(model, ckpt.get("ema", ckpt), args.init_classes, config)
+    except (OSError, ValueError) as e:
+        fail(f"--init-from {args.init_from}: {e}")
+    finally:
+        if rank == 0:
+            dist.barrier()
+    return f"Initialized from {args.init_from}: {report}"
 
 def checkpoint_steps(folder):
     """{step: path} of the step-numbered checkpoints (0001000.pt) in a folder."""
