@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy import linalg
 
 # the FID Inception weights as pytorch-fid released them
@@ -272,7 +272,10 @@ def check_images(x, what):
     return x
 
 def to_rgb(image):
-    """A PIL image of any mode -> the 8-bit RGB a viewer shows (16 bits scaled, alpha on white)."""
+    """A PIL image of any mode -> the 8-bit RGB a viewer shows (turned, 16 bits scaled, alpha on
+    white)."""
+    # the orientation in EXIF (camera JPEGs store their pixels unrotated)
+    image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         # 16 bits scaled to 8, rounded (convert("RGB") clips them: white)
         x = np.asarray(image).astype(np.float64) / 257
@@ -313,8 +316,9 @@ def _npz_batches(path, batch_size):
 
 def _folder_batches(path, batch_size):
     """(count, batches) of the images in a folder, sorted by name, as the RGB a viewer shows."""
+    # regular files only: reading a named pipe would wait forever
     files = [os.path.join(path, f) for f in sorted(os.listdir(path))
-             if f.lower().endswith(IMAGE_EXTENSIONS)]
+             if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, f))]
     if not files:
         raise ValueError(f"{path}: no images ({' '.join(IMAGE_EXTENSIONS)}) in this folder")
     def load(file, size=None):

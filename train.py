@@ -9,6 +9,7 @@ cache, pixel-space models (--vae none), mixed precision, sample grids and FID wh
 The file reads in the order it runs: main, parse_args, train (the story), then each of its steps.
 """
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -25,7 +26,7 @@ from copy import deepcopy
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
@@ -91,40 +92,36 @@ def parse_args(argv=None):
     """The official flags and defaults, plus resume, caching, speed and monitoring flags."""
     p = argparse.ArgumentParser(prog="train.py", description="Train a class-conditional DiT "
                                 "with DDP.", epilog=EXAMPLES, formatter_class=Help)
-    p.add_argument("--data-path", type=str, required=True, help="folder of <class>/<images>")
-    p.add_argument("--results-dir", type=str, default="results", help="experiments go here")
-    p.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2")
+    p.add_argument("--data-path", required=True, help="folder of <class>/<images>")
+    p.add_argument("--results-dir", default="results", help="experiments go here")
+    p.add_argument("--model", choices=list(DiT_models), default="DiT-XL/2")
     p.add_argument("--image-size", type=count(1), default=256, help="pixels (square)")
     p.add_argument("--num-classes", type=count(1), default=1000, help="1: unconditional")
     p.add_argument("--epochs", type=count(1), default=1400, help="passes over the data")
     p.add_argument("--global-batch-size", type=count(1), default=256, help="over all processes")
     p.add_argument("--global-seed", type=int, default=0, help="data order, weights, noise")
-    p.add_argument("--vae", type=str, default="ema", help="ema, mse, repo id, folder, file; none")
-    p.add_argument("--num-workers", type=count(0),
-                   help="loader processes per process (default: 4 with a GPU, 0 on the CPU)")
+    p.add_argument("--vae", default="ema", help="ema, mse, repo id, folder, file; none")
+    p.add_argument("--num-workers", type=count(0), help="default: 4 on GPUs, 0 on CPUs")
     p.add_argument("--log-every", type=count(1), default=100, help="steps between log lines")
     p.add_argument("--ckpt-every", type=count(1), default=50_000, help="steps between checkpoints")
-    p.add_argument("--lr", type=number(0, math.inf),
-                   help="AdamW learning rate (default: 1e-4, or the resumed run's)")
-    p.add_argument("--ema-decay", type=number(0, 1), default=0.9999,
-                   help="0.9999^N of the initial weights remain after N steps; short runs: 0.999")
+    p.add_argument("--lr", type=number(0, math.inf), help="default: 1e-4, or the resumed run's")
+    p.add_argument("--ema-decay", type=number(0, 1), default=0.9999, help="short runs: 0.999")
     p.add_argument("--max-steps", type=count(1), help="stop (and save) at this step")
-    p.add_argument("--resume", type=str, help="a checkpoint, or an experiment folder (its last)")
+    p.add_argument("--resume", help="a checkpoint, or an experiment folder (its last)")
     p.add_argument("--keep-last", type=count(0), default=0, help="keep the newest N (0: all)")
-    p.add_argument("--latent-cache", type=str, help="folder of the data's VAE latents (made once)")
+    p.add_argument("--latent-cache", help="folder of the data's VAE latents (made once)")
     p.add_argument("--sample-every", type=count(0), default=0, help="EMA sample grid every N steps")
     p.add_argument("--precision", choices=list(AMP), default="fp32", help="autocast dtype")
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions on GPUs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true", help="less memory, more compute")
-    p.add_argument("--model-kwargs", type=str, default="{}", help="JSON of DiT arguments over "
-                   "--model, e.g. '{\"depth\": 4}'")
+    p.add_argument("--model-kwargs", default="{}", help="JSON: DiT arguments over --model")
     p.add_argument("--fid-every", type=count(0), default=0, help="FID and IS every N steps, at end")
-    p.add_argument("--fid-ref", type=str, help="FID reference: ADM .npz, stats .npz, images")
+    p.add_argument("--fid-ref", help="FID reference: ADM .npz, stats .npz, images")
     p.add_argument("--fid-num-samples", type=count(2), default=10_000, help="EMA samples per FID")
     p.add_argument("--fid-steps", type=count(1), default=50, help="DDIM steps of the FID samples")
     p.add_argument("--fid-cfg-scale", type=number(0, math.inf), default=1.0, help="1: unguided")
-    p.add_argument("--fid-inception", type=str, help="weights file (default: fid.py's download)")
+    p.add_argument("--fid-inception", help="weights file (default: fid.py's download)")
     return p.parse_args(argv)
 
 EXAMPLES = """examples:
@@ -250,11 +247,9 @@ def train(args, rank, world_size, device):
                 losses = mean_over_ranks(running, keys, log_steps)
                 # before a checkpoint is written: a NaN loss stops the run here
                 if not all(math.isfinite(value) for value in losses.values()):
-                    message = (f"loss is NaN/inf at step {step} or before; resume from the last "
-                               f"good checkpoint {last_good} with a lower --lr (or bf16 instead "
-                               "of fp16)")
-                    log(message)
-                    fail(message)
+                    log(f"loss is NaN/inf at step {step} or before")
+                    fail(f"loss is NaN/inf at step {step} or before; resume from the last good "
+                         f"checkpoint {last_good} with a lower --lr (or bf16 instead of fp16)")
                 steps_per_sec = log_steps / (time.time() - start_time)
                 log_losses(log, losses, step, total_steps, steps_per_sec, args, model)
                 running.zero_()
@@ -383,9 +378,7 @@ def find_images(root):
 def describe_classes(classes):
     """The class-to-label mapping, as one log line (every checkpoint stores it whole)."""
     pairs = [f"{label}={name}" for label, name in enumerate(classes)]
-    if len(pairs) > 12:
-        pairs = [*pairs[:10], "...", pairs[-1]]
-    return f"Class labels: {', '.join(pairs)}"
+    return "Class labels: " + ", ".join(pairs if len(pairs) <= 12 else [*pairs[:10], "..."])
 
 def center_crop_arr(pil_image, image_size):
     """ADM center crop: box-halve while the short side >= 2 * size, bicubic to size, crop."""
@@ -408,8 +401,6 @@ def read_image(path, image_size):
             # images over twice its limit as decompression bombs
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                # the orientation a viewer shows (camera JPEGs store it in EXIF)
-                image = ImageOps.exif_transpose(image)
                 return center_crop_arr(fid.to_rgb(image), image_size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # once per file and process, not once per epoch
@@ -486,18 +477,19 @@ def new_experiment_folder(results_dir, name):
     while True:
         numbers = [int(m[1]) for n in os.listdir(results_dir) if (m := re.match(r"(\d+)-", n))]
         path = f"{results_dir}/{max(numbers, default=-1) + 1:03d}-{name}"
-        try:
-            # mkdir fails if another run made the same folder first: then take the next number
+        # mkdir fails if another run made the same folder first: then take the next number
+        with contextlib.suppress(FileExistsError):
             os.mkdir(path)
-        except FileExistsError:
-            continue
-        os.makedirs(f"{path}/checkpoints")
-        return path
+            os.mkdir(f"{path}/checkpoints")
+            return path
 
 def create_logger(experiment_dir, rank):
     """log(message, metrics): rank 0 prints and appends to log.txt, metrics to metrics.jsonl."""
-    if rank == 0:
-        drop_cut_line(f"{experiment_dir}/metrics.jsonl")
+    jsonl = f"{experiment_dir}/metrics.jsonl"
+    if rank == 0 and os.path.exists(jsonl):
+        # a line cut by a crash (a full disk) is dropped: one JSON object per line
+        with open(jsonl, "rb+") as f:
+            f.truncate(f.read().rfind(b"\n") + 1)
 
     def log(message, metrics=None):
         if rank != 0:
@@ -507,18 +499,9 @@ def create_logger(experiment_dir, rank):
         with open(f"{experiment_dir}/log.txt", "a") as f:
             f.write(line + "\n")
         if metrics is not None:
-            with open(f"{experiment_dir}/metrics.jsonl", "a") as f:
+            with open(jsonl, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
     return log
-
-def drop_cut_line(path):
-    """Cut a last line that a crash (a full disk) left unfinished: one JSON object per line."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
 
 def restore_training_state(ckpt, ema, opt, scaler, log):
     """Load the EMA, optimizer and loss scaler of a checkpoint; a new --lr replaces its lr."""
@@ -555,9 +538,6 @@ def build_dataset(args, samples, vae, device):
     meta = cache_meta(args, samples, vae)
     if not os.path.exists(f"{args.latent_cache}/meta.json"):
         build_cache(args, samples, vae, device, meta)
-        if dist.get_rank() == 0:
-            print(f"Wrote latent cache {args.latent_cache}: {len(samples):,} images and their "
-                  "mirrors", flush=True)
     return LatentCache(args.latent_cache, meta)
 
 class ImageFolder(Dataset):
@@ -629,6 +609,7 @@ def build_cache(args, samples, vae, device, meta):
         with open(f"{tmp}/meta.json", "w") as f:
             json.dump(meta, f)
         os.replace(tmp, args.latent_cache)
+        print(f"Wrote latent cache {args.latent_cache}: {len(samples):,} images and mirrors")
     dist.barrier()
 
 class LatentCache(Dataset):
