@@ -121,7 +121,7 @@ def generate(model, vae, loop, n, generator=None, guidance=None):
     size = model.config["input_size"]
     z = torch.randn(n, model.in_channels, size, size, generator=generator, device=device)
     y = torch.randint(0, model.config["num_classes"], (n,), generator=generator, device=device)
-    x = sample(model, loop, z, y, guidance, clip_denoised=vae is None)
+    x = sample(model, loop, z, y, guidance=guidance, clip_denoised=vae is None)
     return to_uint8(decode(vae, x)), y
 
 #################################################################################
@@ -509,7 +509,8 @@ def run(args, rank, world_size, device):
                       device=device.type)
         loop = sampling_loop(args.sampler, args.num_sampling_steps, args.eta)
         # as the official sample_ddp.py: a scale of 1 samples without the null batch
-        sample_fid(model, vae, loop, guidance if args.cfg_scale > 1 else None, args, config)
+        sample_fid(model, vae, loop, guidance if args.cfg_scale > 1 else None, args=args,
+                   config=config)
         return
     # a grid, as the official sample.py: always guided (the null batch even at scale 1)
     loop = sampling_loop(args.sampler, args.num_sampling_steps, args.eta, progress=True)
@@ -518,7 +519,7 @@ def run(args, rank, world_size, device):
     z = torch.randn(len(labels), model.in_channels, size, size, device=device)
     y = torch.tensor(labels, device=device)
     with autocast(device, args.precision):
-        x = sample(model, loop, z, y, guidance, clip_denoised=vae is None)
+        x = sample(model, loop, z, y, guidance=guidance, clip_denoised=vae is None)
         images = to_uint8(decode(vae, x))
     grid = make_grid(images)
     file_format = Image.registered_extensions()[os.path.splitext(args.out)[1].lower()]

@@ -179,7 +179,7 @@ def train(args, rank, world_size, device):
     # fp16 needs loss scaling; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     if ckpt:
-        restore_training_state(ckpt, ema, opt, scaler, log)
+        restore_training_state(ckpt, ema, opt, scaler=scaler, log=log)
 
     # Setup FID monitoring: Inception on every rank, the reference statistics on rank 0
     inception = None
@@ -214,7 +214,8 @@ def train(args, rank, world_size, device):
     log_steps = 0
     start_time = time.time()
     while step < total_steps:
-        items = epoch_order(len(samples), epoch, args.global_seed, rank, world_size)
+        items = epoch_order(len(samples), epoch, args.global_seed, rank=rank,
+                            world_size=world_size)
         skip = start_batch * (args.global_batch_size // world_size)
         loader = data_loader(dataset, items[skip:], args, device)
         for batch_index, (x, y) in enumerate(loader, start=start_batch):
@@ -251,7 +252,9 @@ def train(args, rank, world_size, device):
                     fail(f"loss is NaN/inf at step {step} or before; resume from the last good "
                          f"checkpoint {last_good} with a lower --lr (or bf16 instead of fp16)")
                 steps_per_sec = log_steps / (time.time() - start_time)
-                log_losses(log, losses, step, total_steps, steps_per_sec, args, model)
+                metrics = {"step": step, **losses, "steps_per_sec": steps_per_sec,
+                           "img_per_sec": steps_per_sec * args.global_batch_size}
+                log_losses(log, metrics, total_steps, model)
                 running.zero_()
                 log_steps = 0
                 start_time = time.time()
@@ -277,7 +280,7 @@ def train(args, rank, world_size, device):
                 save_sample_grid(ema, vae, args, path)
                 log(f"Saved EMA samples to {path}")
             if args.fid_every and (step % args.fid_every == 0 or done):
-                metrics = evaluate_fid(ema, vae, args, inception, reference)
+                metrics = evaluate_fid(ema, vae, args, inception=inception, reference=reference)
                 if rank == 0:
                     log(f"(step={step:07d}) FID {metrics['fid']:.4f}, IS {metrics['is']:.4f} "
                         f"({args.fid_num_samples} EMA samples, DDIM-{args.fid_steps})",
@@ -537,7 +540,7 @@ def build_dataset(args, samples, vae, device):
         return ImageFolder(samples, args.image_size)
     meta = cache_meta(args, samples, vae)
     if not os.path.exists(f"{args.latent_cache}/meta.json"):
-        build_cache(args, samples, vae, device, meta)
+        build_cache(args, samples, vae, meta)
     return LatentCache(args.latent_cache, meta)
 
 class ImageFolder(Dataset):
@@ -575,9 +578,10 @@ def cache_meta(args, samples, vae):
     return json.loads(json.dumps(meta))
 
 @torch.no_grad()
-def build_cache(args, samples, vae, device, meta):
+def build_cache(args, samples, vae, meta):
     """Encode every image and its mirror once, the ranks sharing the work, into --latent-cache."""
     rank = dist.get_rank()
+    device = next(vae.parameters()).device
     tmp = f"{args.latent_cache}.tmp"
     # the posterior's mean and std, not a sample: training still draws a fresh latent per step
     shape = (len(samples), 2, 2, *meta["latent_shape"])  # (N, flip, 2, C, h, w)
@@ -690,14 +694,14 @@ def mean_over_ranks(running, keys, log_steps):
     means = (totals / (log_steps * dist.get_world_size())).tolist()
     return dict(zip(keys, means))
 
-def log_losses(log, losses, step, total_steps, steps_per_sec, args, model):
-    """Log the losses, speed and ETA (also to metrics.jsonl); on a GPU, TFLOP/s and memory."""
-    metrics = {"step": step, **losses, "steps_per_sec": steps_per_sec,
-               "img_per_sec": steps_per_sec * args.global_batch_size}
-    left = round((total_steps - step) / steps_per_sec)
-    line = (f"(step={step:07d}) " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
-            + f" | {steps_per_sec:.2f} steps/s, {metrics['img_per_sec']:.1f} img/s, "
-            + f"ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
+def log_losses(log, metrics, total_steps, model):
+    """Log losses, speed and ETA (and metrics to metrics.jsonl); on a GPU, TFLOP/s and memory."""
+    step = metrics["step"]
+    speed = metrics["steps_per_sec"]
+    losses = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("loss", "mse", "vb") if k in metrics)
+    left = round((total_steps - step) / speed)
+    line = (f"(step={step:07d}) {losses} | {speed:.2f} steps/s, {metrics['img_per_sec']:.1f} "
+            f"img/s, ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
     device = next(model.parameters()).device
     if device.type == "cuda":
         # training = 3x the forward flops (the backward pass is 2x), 2 flops a multiply-add
@@ -763,7 +767,7 @@ def evaluate_fid(ema, vae, args, inception, reference):
     features = []
     device = next(ema.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for images in fid_images(ema, vae, args, dist.get_rank(), world_size, device):
+        for images in fid_images(ema, vae, args, rank=dist.get_rank(), world_size=world_size):
             pool3, _, logits = inception(images)
             features.append(torch.cat([pool3, logits], 1))  # (B, 2048 + 1008)
     features = torch.cat(features)
@@ -775,8 +779,9 @@ def evaluate_fid(ema, vae, args, inception, reference):
     fid_value = fid.frechet_distance(*fid.statistics(features[:, :2048]), *reference)
     return {"fid": fid_value, "is": fid.inception_score(features[:, 2048:])}
 
-def fid_images(ema, vae, args, rank, world_size, device):
+def fid_images(ema, vae, args, rank, world_size):
     """This rank's share of the FID samples, batches of uint8 images (a generator of its own)."""
+    device = next(ema.parameters()).device
     generator = torch.Generator(device).manual_seed(args.global_seed * world_size + rank)
     per_rank = math.ceil(args.fid_num_samples / world_size)
     batch_size = args.global_batch_size // world_size
@@ -784,7 +789,7 @@ def fid_images(ema, vae, args, rank, world_size, device):
     loop = sample.sampling_loop("ddim", args.fid_steps)
     for i in range(0, per_rank, batch_size):
         n = min(batch_size, per_rank - i)
-        images, _ = sample.generate(ema, vae, loop, n, generator, guidance)
+        images, _ = sample.generate(ema, vae, loop, n, generator=generator, guidance=guidance)
         yield images
 
 if __name__ == "__main__":
