@@ -34,7 +34,7 @@ import fid
 import sample
 from sample import Help, count, number
 from diffusion import create_diffusion, progress
-from dit import DiT_models, create_dit
+from dit import DiT_models, create_dit, load_checkpoint
 from vae import load_vae
 
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -421,14 +421,8 @@ def load_resume(args, classes):
     path = args.resume
     if os.path.isdir(path):
         path = last_checkpoint(path)
-    try:
-        # memory-mapped: the ranks of a node share one copy in the page cache
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        # torch.load raises many types (RuntimeError, UnpicklingError, EOFError...) for a file
-        # that is not a checkpoint
-        fail(f"--resume {path} cannot be read as a checkpoint ({type(e).__name__}); give a "
-             "checkpoint written by this train.py")
+    # memory-mapped: the ranks of a node share one copy in the page cache
+    ckpt = load_checkpoint(path)
     needed = {"model", "ema", "opt", "args", "step", "epoch", "batch", "rng", "world_size"}
     if not (isinstance(ckpt, dict) and needed <= ckpt.keys() and isinstance(ckpt["args"], dict)):
         fail(f"--resume {path} is not a checkpoint written by this train.py (it lacks the "
