@@ -735,6 +735,7 @@ def test_sample_dpm_solver_and_interval_reach_the_solver_loop(sample_files, tmp_
 
 
 def test_sample_run_checkpoint_needs_no_other_flag(tmp_path):
+    # pixel_run, TINY: the train.py section's tiny run
     root = pixel_run(tmp_path, "--max-steps", "1", "--ema-decay", "0")
     ckpt = str(root / "000-DiT-S-8" / "checkpoints" / "0000001.pt")
     sample.main(["--ckpt", ckpt, "--num-sampling-steps", "2", "--out", str(tmp_path / "a.png")])
@@ -830,11 +831,8 @@ def test_sample_default_download_from_local_servers(tmp_path, monkeypatch, http_
     torch.save(fill_(official, 4, scale=0.5), root / "dit" / "DiT-XL-2-256x256.pt")
     hub_folder = root / "stabilityai" / "sd-vae-ft-mse" / "resolve" / "main"
     tiny_vae(seed=5, save_to=hub_folder, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+    # http_server points HF_ENDPOINT at it and the caches at tmp_path
     monkeypatch.setenv("DIT_WEIGHTS_URL", http_server.url + "/dit")
-    monkeypatch.setenv("HF_ENDPOINT", http_server.url)
-    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     args = ["--num-sampling-steps", "2", "--labels", "1", "2"]
     # everything else default: DiT-XL/2, 256, mse
     sample.main(args + ["--out", str(tmp_path / "a.png")])
