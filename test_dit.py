@@ -331,69 +331,6 @@ def fid_weights_file(fid_inception, tmp_path_factory):
     return path
 
 
-def write_images(root, per_class=(5, 5), flat=False, seed=0):
-    """root/class_k/i.png: random RGB images of odd sizes, or flat colours per class (a learnable
-    set); returns str(root)."""
-    rng = np.random.default_rng(seed)
-    for k, n in enumerate(per_class):
-        os.makedirs(f"{root}/class_{k}", exist_ok=True)
-        for i in range(n):
-            h, w = rng.integers(16, 40, size=2)
-            if flat:
-                colour = np.array([[200, 30, 30], [30, 30, 200]][k % 2], np.uint8)
-                a = np.broadcast_to(colour, (h, w, 3))
-            else:
-                a = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-            Image.fromarray(np.ascontiguousarray(a)).save(f"{root}/class_{k}/{i}.png")
-    return str(root)
-
-
-# a train.py run with a tiny pixel-space DiT (2 blocks of width 32, patch 8)
-TINY = ["--model", "DiT-S/8", "--model-kwargs", '{"depth": 2, "hidden_size": 32, "num_heads": 2}',
-        "--num-workers", "0", "--log-every", "1"]
-
-
-PIXEL = [*TINY, "--vae", "none", "--image-size", "16", "--num-classes", "2",
-         "--global-batch-size", "2"]
-
-
-def run_inline(args):
-    """train.main in this process, single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train.main(args)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def pixel_run(tmp_path, *extra, data=None):
-    """A tiny pixel-space run in this process; returns its experiment folder's parent."""
-    data = data or write_images(tmp_path / "data")
-    run_inline([*PIXEL, "--data-path", data, "--results-dir", str(tmp_path / "r"), *extra])
-    return tmp_path / "r"
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-TRAIN = os.path.join(HERE, "train.py")
-
-
-DRIVER = """
-import json, sys
-sys.path.insert(0, {repo!r})
-import torch.distributed as dist
-import train
-# train.main uses the caller's group: several runs in one launch
-dist.init_process_group("gloo")
-for argv in json.load(open(sys.argv[1])):
-    train.main(argv)
-dist.destroy_process_group()
-"""
-
-
 def run_torchrun(script_and_args, cwd, nproc=2):
     """torchrun with nproc gloo processes (1 thread each) on the CPU; returns the finished
     process."""
@@ -403,16 +340,6 @@ def run_torchrun(script_and_args, cwd, nproc=2):
                        cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
-
-
-def run_torchrun_many(runs, cwd, nproc=2):
-    """train.main(argv) for each argv in runs, all in one torchrun launch (start-up is most of the
-    time here)."""
-    with open(os.path.join(cwd, "driver.py"), "w") as f:
-        f.write(DRIVER.format(repo=HERE))
-    with open(os.path.join(cwd, "runs.json"), "w") as f:
-        json.dump(runs, f)
-    return run_torchrun(["driver.py", "runs.json"], cwd, nproc)
 
 
 # fid.py and vae.py carry the same cache_dir() and download() (they import nothing from the
@@ -853,6 +780,70 @@ def test_sample_default_download_from_local_servers(tmp_path, monkeypatch, http_
 #                                    train.py                                   #
 #################################################################################
 
+def write_images(root, per_class=(5, 5), flat=False, seed=0):
+    """root/class_k/i.png: random RGB images of odd sizes, or flat colours per class (a learnable
+    set); returns str(root)."""
+    rng = np.random.default_rng(seed)
+    for k, n in enumerate(per_class):
+        os.makedirs(f"{root}/class_{k}", exist_ok=True)
+        for i in range(n):
+            h, w = rng.integers(16, 40, size=2)
+            if flat:
+                colour = np.array([[200, 30, 30], [30, 30, 200]][k % 2], np.uint8)
+                a = np.broadcast_to(colour, (h, w, 3))
+            else:
+                a = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            Image.fromarray(np.ascontiguousarray(a)).save(f"{root}/class_{k}/{i}.png")
+    return str(root)
+
+
+# a train.py run with a tiny pixel-space DiT (2 blocks of width 32, patch 8)
+TINY = ["--model", "DiT-S/8", "--model-kwargs", '{"depth": 2, "hidden_size": 32, "num_heads": 2}',
+        "--num-workers", "0", "--log-every", "1"]
+
+
+PIXEL = [*TINY, "--vae", "none", "--image-size", "16", "--num-classes", "2",
+         "--global-batch-size", "2"]
+
+
+def pixel_run(tmp_path, *extra, data=None):
+    """A tiny pixel-space run in this process (one thread: see one_thread); returns its experiment
+    folder's parent. The last of a repeated flag wins."""
+    data = data or write_images(tmp_path / "data")
+    train.main([*PIXEL, "--data-path", data, "--results-dir", str(tmp_path / "r"), *extra])
+    return tmp_path / "r"
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+TRAIN = os.path.join(HERE, "train.py")
+
+
+DRIVER = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist
+import train
+# train.main uses the caller's group: several runs in one launch
+dist.init_process_group("gloo")
+for argv in json.load(open(sys.argv[1])):
+    train.main(argv)
+dist.destroy_process_group()
+"""
+
+
+def run_torchrun_many(runs, cwd, nproc=2):
+    """train.main(argv) for each argv in runs, all in one torchrun launch (start-up is most of the
+    time here)."""
+    with open(os.path.join(cwd, "driver.py"), "w") as f:
+        f.write(DRIVER.format(repo=HERE))
+    with open(os.path.join(cwd, "runs.json"), "w") as f:
+        json.dump(runs, f)
+    return run_torchrun(["driver.py", "runs.json"], cwd, nproc)
+
+
 # 8x8 latents: 16 tokens
 TINY_LATENT = '{"depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 2}'
 
@@ -966,22 +957,19 @@ def test_train_latent_cache_ddp_and_same_inputs(ddp_runs):
     common = [*TINY, "--data-path", str(root / "data"), "--vae", str(root / "vae"),
               "--image-size", "16", "--num-classes", "2", "--global-batch-size", "2",
               "--model-kwargs", TINY_LATENT, "--results-dir", str(root / "d"), "--max-steps", "1"]
-    run_inline([*common, "--latent-cache", str(root / "cache")])
+    train.main([*common, "--latent-cache", str(root / "cache")])
     with pytest.raises(SystemExit, match="latent-cache .* holds other images or settings"):
-        run_inline([*common, "--latent-cache", str(root / "cache"), "--image-size", "32"])
-    run_inline([*common, "--sample-every", "1"])
+        train.main([*common, "--latent-cache", str(root / "cache"), "--image-size", "32"])
+    train.main([*common, "--sample-every", "1"])
     assert Image.open(root / "d/001-DiT-S-8/samples/0000001.png").size == (74, 74)
 
 
 def test_train_checkpoint_layout_logging_grid_and_find_model(tmp_path):
-    """Official layout and keys, weights_only loading, dit.find_model, --keep-last, log lines,
-    EMA grid."""
-    data = write_images(tmp_path / "data")
-    run_inline([*TINY, "--data-path", data, "--results-dir", str(tmp_path / "results"),
-                "--vae", "none", "--image-size", "16", "--num-classes", "1",
-                "--global-batch-size", "2", "--max-steps", "3", "--ckpt-every", "1",
-                "--keep-last", "2", "--sample-every", "3"])
-    exp = tmp_path / "results/000-DiT-S-8"
+    """Official layout and keys, weights_only loading, dit.find_model, --keep-last (the newest
+    stay), log lines, EMA grid."""
+    root = pixel_run(tmp_path, "--num-classes", "1", "--max-steps", "3", "--ckpt-every", "1",
+                     "--keep-last", "2", "--sample-every", "3")
+    exp = root / "000-DiT-S-8"
     assert sorted(os.listdir(exp / "checkpoints")) == ["0000002.pt", "0000003.pt"]
     ckpt = load(exp / "checkpoints/0000003.pt")
     assert {"model", "ema", "opt", "args"} <= set(ckpt) and isinstance(ckpt["args"], dict)
@@ -1003,10 +991,9 @@ def test_train_loss_goes_down_on_a_learnable_set(tmp_path):
     """Flat colour per class: the tiny pixel DiT's loss falls several-fold within 60 steps."""
     data = write_images(tmp_path / "data", per_class=(8, 8), flat=True)
     kwargs = '{"depth": 2, "hidden_size": 32, "num_heads": 2, "patch_size": 2}'
-    run_inline([*TINY, "--model-kwargs", kwargs, "--data-path", data,
-                "--results-dir", str(tmp_path / "r"), "--vae", "none", "--image-size", "8",
-                "--num-classes", "2", "--global-batch-size", "16", "--max-steps", "60",
-                "--lr", "2e-3", "--log-every", "10", "--ckpt-every", "1000"])
+    pixel_run(tmp_path, "--model-kwargs", kwargs, "--image-size", "8", "--global-batch-size", "16",
+              "--max-steps", "60", "--lr", "2e-3", "--log-every", "10", "--ckpt-every", "1000",
+              data=data)
     lines = [line for line in open(tmp_path / "r/000-DiT-S-8/log.txt") if "(step=" in line]
     losses = [float(line.split("loss ")[1].split(",")[0]) for line in lines]
     assert len(losses) == 6 and losses[-1] < 0.3 * losses[0], losses
@@ -1015,12 +1002,10 @@ def test_train_loss_goes_down_on_a_learnable_set(tmp_path):
 def test_train_bf16_and_fp16_steps_run(tmp_path):
     """Mixed precision paths (bf16 autocast; fp16 with a grad scaler that is saved for resume)."""
     data = write_images(tmp_path / "data")
-    common = [*TINY, "--data-path", data, "--results-dir", str(tmp_path / "r"), "--vae", "none",
-              "--image-size", "16", "--num-classes", "2", "--global-batch-size", "2",
-              "--max-steps", "2"]
-    run_inline([*common, "--precision", "bf16"])
-    run_inline([*common, "--precision", "fp16", "--grad-checkpointing"])
-    ckpt = load(tmp_path / "r/001-DiT-S-8/checkpoints/0000002.pt")
+    pixel_run(tmp_path, "--max-steps", "2", "--precision", "bf16", data=data)
+    root = pixel_run(tmp_path, "--max-steps", "2", "--precision", "fp16", "--grad-checkpointing",
+                     data=data)
+    ckpt = load(root / "001-DiT-S-8/checkpoints/0000002.pt")
     assert ckpt["scaler"]["scale"] > 0
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -1028,7 +1013,6 @@ def test_train_bf16_and_fp16_steps_run(tmp_path):
 def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     """A NaN loss at step 3 stops the run with a message naming the last good checkpoint; none is
     written after it."""
-    data = write_images(tmp_path / "data")
     real = train.create_diffusion
 
     def nan_at_step_3(*a, **k):
@@ -1046,10 +1030,7 @@ def test_train_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr(train, "create_diffusion", nan_at_step_3)
     message = r"NaN/inf at step 4 or before; resume from the last good checkpoint .*0000002.pt"
     with pytest.raises(SystemExit, match=message):
-        run_inline([*TINY, "--data-path", data, "--results-dir", str(tmp_path / "r"),
-                    "--vae", "none", "--image-size", "16", "--num-classes", "2",
-                    "--global-batch-size", "2", "--max-steps", "6", "--ckpt-every", "2",
-                    "--log-every", "4"])
+        pixel_run(tmp_path, "--max-steps", "6", "--ckpt-every", "2", "--log-every", "4")
     assert os.listdir(tmp_path / "r/000-DiT-S-8/checkpoints") == ["0000002.pt"]
 
 
@@ -1093,92 +1074,91 @@ def test_train_corrupt_image_is_named_and_skipped(tmp_path, capsys):
 ])
 def test_train_bad_flags_are_refused_by_argparse(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
-        run_inline([*PIXEL, "--data-path", str(tmp_path), "--results-dir", str(tmp_path / "r"),
+        train.main([*PIXEL, "--data-path", str(tmp_path), "--results-dir", str(tmp_path / "r"),
                     *flags])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"train.py: error: {message}"
     assert not os.path.exists(tmp_path / "r")
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no-folder", "--data-path {tmp}/nope is not a folder"),
-    ("no-classes", "--data-path {tmp}/flat has no images"),
-    ("empty-class", "--data-path {tmp}/empty has no images"),
-    ("too-many-classes", "--data-path has 3 class folders but --num-classes is 2"),
-    ("batch-too-big", "10 images do not fill a batch of 16; lower --global-batch-size"),
-    ("all-unreadable", "none of the 4 images in --data-path can be read"),
-    ("unknown-kwarg", "--model-kwargs {{\"dept\": 2}} is not a JSON object of DiT arguments "
-                      "(DiT has no argument dept"),
-    ("heads", "hidden_size 32 is not divisible by num_heads 5"),
-    ("not-json", "--model-kwargs depth=2 is not a JSON object of DiT arguments"),
-    ("patch", "input_size 20 is not divisible by patch_size 8"),
-    ("cache-without-autoencoder", "--latent-cache needs a VAE"),
-    ("resume-missing", "--resume {tmp}/nope does not exist"),
-    ("eval-no-ref", "--fid-ref None does not exist; --fid-every needs"),
-    ("eval-steps", "--fid-steps 999: cannot take exactly 999 DDIM steps"),
-    ("odd-processes", "--global-batch-size 3 is not divisible by the 2 processes"),
-], ids=["no-folder", "no-classes", "empty-class", "too-many-classes", "batch-too-big",
-        "all-unreadable", "unknown-kwarg", "heads", "not-json", "patch",
-        "cache-without-autoencoder", "resume-missing", "eval-no-ref", "eval-steps",
-        "odd-processes"])
-def test_train_bad_inputs_fail_before_anything_is_made(tmp_path, case, message):
-    data = write_images(tmp_path / "data")
-    flags = {"no-folder": ["--data-path", str(tmp_path / "nope")],
-             "too-many-classes": ["--data-path", write_images(tmp_path / "three", (2, 2, 2))],
-             "batch-too-big": ["--global-batch-size", "16"],
-             "unknown-kwarg": ["--model-kwargs", '{"dept": 2}'],
-             "heads": ["--model-kwargs", '{"depth": 1, "hidden_size": 32, "num_heads": 5}'],
-             "not-json": ["--model-kwargs", "depth=2"],
-             "patch": ["--image-size", "20"],
-             "cache-without-autoencoder": ["--latent-cache", str(tmp_path / "cache")],
-             "resume-missing": ["--resume", str(tmp_path / "nope")],
-             "eval-no-ref": ["--fid-every", "2"],
-             "eval-steps": ["--fid-steps", "999"]}.get(case, [])
-    if case == "no-classes":
-        os.makedirs(tmp_path / "flat")
-        Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
-        flags = ["--data-path", str(tmp_path / "flat")]
-    if case == "empty-class":
-        os.makedirs(tmp_path / "empty" / "cls")
-        flags = ["--data-path", str(tmp_path / "empty")]
-    if case == "all-unreadable":
-        for i in range(4):
-            os.makedirs(tmp_path / "bad" / f"c{i % 2}", exist_ok=True)
-            (tmp_path / "bad" / f"c{i % 2}" / f"{i}.png").write_bytes(b"not a png")
-        flags = ["--data-path", str(tmp_path / "bad")]
+def bad_data_folders(root):
+    """Data folders train.py refuses, in root: flat/ (an image outside any class folder), empty/
+    (a class folder without images), bad/ (4 unreadable files), three/ (3 class folders)."""
+    (root / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "flat" / "a.png")
+    (root / "empty" / "cls").mkdir(parents=True)
+    for i in range(4):
+        (root / "bad" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (root / "bad" / f"c{i % 2}" / f"{i}.png").write_bytes(b"not a png")
+    write_images(root / "three", (2, 2, 2))
+
+
+@pytest.mark.parametrize("flags, message", [
+    pytest.param(["--data-path", "{tmp}/nope"], "--data-path {tmp}/nope is not a folder",
+                 id="no-folder"),
+    pytest.param(["--data-path", "{tmp}/flat"], "--data-path {tmp}/flat has no images",
+                 id="no-classes"),
+    pytest.param(["--data-path", "{tmp}/empty"], "--data-path {tmp}/empty has no images",
+                 id="empty-class"),
+    pytest.param(["--data-path", "{tmp}/three"],
+                 "--data-path has 3 class folders but --num-classes is 2", id="too-many-classes"),
+    pytest.param(["--global-batch-size", "16"],
+                 "10 images do not fill a batch of 16; lower --global-batch-size",
+                 id="batch-too-big"),
+    pytest.param(["--data-path", "{tmp}/bad"], "none of the 4 images in --data-path can be read",
+                 id="all-unreadable"),
+    pytest.param(["--model-kwargs", '{{"dept": 2}}'], "--model-kwargs {{\"dept\": 2}} is not a "
+                 "JSON object of DiT arguments (DiT has no argument dept", id="unknown-kwarg"),
+    pytest.param(["--model-kwargs", '{{"depth": 1, "hidden_size": 32, "num_heads": 5}}'],
+                 "hidden_size 32 is not divisible by num_heads 5", id="heads"),
+    pytest.param(["--model-kwargs", "depth=2"],
+                 "--model-kwargs depth=2 is not a JSON object of DiT arguments", id="not-json"),
+    pytest.param(["--image-size", "20"], "input_size 20 is not divisible by patch_size 8",
+                 id="patch"),
+    pytest.param(["--latent-cache", "{tmp}/cache"], "--latent-cache needs a VAE",
+                 id="cache-without-autoencoder"),
+    pytest.param(["--resume", "{tmp}/nope"], "--resume {tmp}/nope does not exist",
+                 id="resume-missing"),
+    pytest.param(["--fid-every", "2"], "--fid-ref None does not exist; --fid-every needs",
+                 id="eval-no-ref"),
+    pytest.param(["--fid-steps", "999"], "--fid-steps 999: cannot take exactly 999 DDIM steps",
+                 id="eval-steps"),
+])
+def test_train_bad_inputs_fail_before_anything_is_made(tmp_path, flags, message):
+    bad_data_folders(tmp_path)
     with pytest.raises(SystemExit) as e:
-        if case == "odd-processes":
-            args = train.parse_args([*PIXEL, "--data-path", data, "--global-batch-size", "3",
-                                     "--results-dir", str(tmp_path / "r")])
-            train.train(args, rank=0, world_size=2, device=torch.device("cpu"))
-        else:
-            run_inline([*PIXEL, "--data-path", data, "--results-dir", str(tmp_path / "r"),
-                        *flags])
+        pixel_run(tmp_path, *[f.format(tmp=tmp_path) for f in flags])
     assert str(e.value).startswith("train.py: error: ")
     assert message.format(tmp=tmp_path) in str(e.value)
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "r")
 
 
-@pytest.mark.parametrize("case, message", [
-    ("other-model-kwargs", "was trained with --model-kwargs"),
-    ("other-image-size", "was trained with --image-size 16, not 32"),
-    ("foreign-checkpoint", "not a checkpoint written by this train.py"),
-], ids=["other-model-kwargs", "other-image-size", "foreign-checkpoint"])
-def test_train_resume_refuses_another_run(tmp_path, case, message):
-    exp = str(pixel_run(tmp_path, "--max-steps", "1") / "000-DiT-S-8")
+def test_train_batch_must_divide_over_the_processes(tmp_path):
+    args = train.parse_args([*PIXEL, "--data-path", write_images(tmp_path / "data"),
+                             "--global-batch-size", "3", "--results-dir", str(tmp_path / "r")])
+    with pytest.raises(SystemExit) as e:
+        train.train(args, rank=0, world_size=2, device=torch.device("cpu"))
+    assert str(e.value) == ("train.py: error: --global-batch-size 3 is not divisible by the 2 "
+                            "processes; use a multiple of 2")
+    assert not os.path.exists(tmp_path / "r")
+
+
+@pytest.mark.parametrize("flags, message", [
+    pytest.param(["--resume", "{exp}", "--model-kwargs",
+                  '{{"depth": 3, "hidden_size": 32, "num_heads": 2}}'],
+                 "was trained with --model-kwargs", id="other-model-kwargs"),
+    pytest.param(["--resume", "{exp}", "--image-size", "32"],
+                 "was trained with --image-size 16, not 32", id="other-image-size"),
+    pytest.param(["--resume", "{tmp}/official.pt"], "not a checkpoint written by this train.py",
+                 id="foreign-checkpoint"),
+])
+def test_train_resume_refuses_another_run(tmp_path, flags, message):
+    exp = pixel_run(tmp_path, "--max-steps", "1") / "000-DiT-S-8"
     torch.save({"model": {}, "ema": {}}, tmp_path / "official.pt")
-    flags = {"other-model-kwargs": ["--resume", exp, "--model-kwargs",
-                                    '{"depth": 3, "hidden_size": 32, "num_heads": 2}'],
-             "other-image-size": ["--resume", exp, "--image-size", "32"],
-             "foreign-checkpoint": ["--resume", str(tmp_path / "official.pt")]}[case]
+    flags = [f.format(exp=exp, tmp=tmp_path) for f in flags]
     with pytest.raises(SystemExit, match=message):
         pixel_run(tmp_path, "--max-steps", "1", *flags, data=str(tmp_path / "data"))
-
-
-def test_train_keep_last_keeps_the_newest(tmp_path):
-    root = pixel_run(tmp_path, "--max-steps", "3", "--ckpt-every", "1", "--keep-last", "1")
-    assert os.listdir(root / "000-DiT-S-8" / "checkpoints") == ["0000003.pt"]
 
 
 def test_train_resume_from_a_checkpoint_outside_an_experiment_starts_a_new_one(tmp_path):
