@@ -20,6 +20,7 @@ import functools
 import hashlib
 import http.server
 import inspect
+import itertools
 import json
 import math
 import os
@@ -246,6 +247,15 @@ class RunsCode:
         return os.mkdir, (self.path,)
 
 
+def save(obj, path, keep=None):
+    """torch.save(obj, path); with keep, the file is then cut to its first keep bytes (a truncated
+    file). Returns path."""
+    torch.save(obj, path)
+    if keep is not None:
+        path.write_bytes(path.read_bytes()[:keep])
+    return path
+
+
 def run_cli(module, monkeypatch, capsys, *argv):
     """module.main() in this process: (SystemExit code or None, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
@@ -315,22 +325,6 @@ def tiny_vae(seed=0, save_to=None, **config):
     return m
 
 
-@pytest.fixture(scope="module")
-def fid_inception():
-    """The FID Inception with the golden fill (seed 0), unfolded, in eval mode."""
-    m = fid.InceptionV3()
-    fill_(m.state_dict())
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
-def fid_weights_file(fid_inception, tmp_path_factory):
-    """fid_inception's state dict saved like the official .pth file."""
-    path = tmp_path_factory.mktemp("weights") / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save(fid_inception.state_dict(), path)
-    return path
-
-
 def run_torchrun(script_and_args, cwd, nproc=2):
     """torchrun with nproc gloo processes (1 thread each) on the CPU; returns the finished
     process."""
@@ -341,102 +335,6 @@ def run_torchrun(script_and_args, cwd, nproc=2):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
-
-# fid.py and vae.py carry the same cache_dir() and download() (they import nothing from the
-# project): the checks below run on each, from the fid.py and the vae.py sections.
-
-DOWNLOAD_CASES = ["ok", "sha256", "404", "not_http", "no_server"]
-
-
-def check_download_leaves_no_trace_on_failure(module, case, http_server, tcp_server, tmp_path):
-    data = b"weights" * 1000
-    (http_server.root / "w.pth").write_bytes(data)
-    base = http_server.url
-    url = {"not_http": f"{tcp_server(SSH_BANNER)}/w.pth", "no_server": f"{closed_port_url()}/w.pth",
-           "404": f"{base}/missing.pth"}.get(case, f"{base}/w.pth")
-    sha = hashlib.sha256(data).hexdigest()
-    path = tmp_path / "a" / "b" / "w.pth"
-    if case == "ok":
-        assert module.download(url, str(path), sha, mirror="MIRROR") == str(path)
-        # renamed from its temp file, which is gone
-        assert path.read_bytes() == data and os.listdir(path.parent) == ["w.pth"]
-        return
-    reason = {"sha256": f'invalid hash value (expected "{"0" * 64}", got "{sha}")',
-              "404": "HTTP Error 404: Not Found", "not_http": SSH_BANNER.decode(),
-              "no_server": REFUSED}[case]
-    with pytest.raises(OSError) as e:
-        module.download(url, str(path), "0" * 64, mirror="MIRROR")
-    assert type(e.value) is OSError
-    assert str(e.value) == (f"cannot download {url} ({reason}); put the file at {path}, or set "
-                            "MIRROR to a mirror")
-    # the folders made for it are gone (no temp file in them), the one that was there stays
-    assert os.listdir(tmp_path) == ["www"]
-
-
-def check_download_keeps_folders_it_did_not_make(module, tmp_path):
-    # an empty cache folder that was there, inside an empty one: both stay
-    (tmp_path / "home" / "cache").mkdir(parents=True)
-    url = f"{closed_port_url()}/w.pth"
-    path = tmp_path / "home" / "cache" / "new" / "w.pth"
-    with pytest.raises(OSError) as e:
-        module.download(url, str(path))
-    assert str(e.value) == f"cannot download {url} ({REFUSED}); put the file at {path}"
-    assert os.listdir(tmp_path / "home") == ["cache"]
-    assert os.listdir(tmp_path / "home" / "cache") == []
-
-
-STOPPED_TRANSFER_CASES = ["content_length_and_sha256", "chunked"]
-
-
-def check_download_stopped_transfer(module, case, tcp_server, tmp_path):
-    # a server that promises 1000 bytes and sends 10: the sha256 refuses them; a chunked reply cut
-    # inside a chunk is an error of its own
-    reply = {"content_length_and_sha256": b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n",
-             "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n"}[case]
-    url = f"{tcp_server(reply + b'x' * 10)}/w"
-    path = tmp_path / "c" / "w"
-    whole, part = (hashlib.sha256(b"x" * n).hexdigest() for n in (1000, 10))
-    with pytest.raises(OSError) as e:
-        module.download(url, str(path), whole if case != "chunked" else None)
-    if case == "chunked":
-        # http.client's IncompleteRead; its counts vary with the Python version
-        head, tail = f"cannot download {url} (IncompleteRead(", f")); put the file at {path}"
-        assert str(e.value).startswith(head) and str(e.value).endswith(tail)
-    else:
-        reason = f'invalid hash value (expected "{whole}", got "{part}")'
-        assert str(e.value) == f"cannot download {url} ({reason}); put the file at {path}"
-    assert os.listdir(tmp_path) == []
-
-
-def check_empty_cache_variable_means_the_default(module, tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("DIT_CACHE", "")
-    assert module.cache_dir() == str(tmp_path / ".cache" / "dit")
-    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "c"))
-    assert module.cache_dir() == str(tmp_path / "c")
-
-
-def check_atomic_write_uses_one_temp_name(write, target, monkeypatch):
-    """write() writes target through target.<pid>.tmp and os.replace: a failing rename leaves
-    nothing behind, and the temp file is complete when it is renamed."""
-    calls = []
-
-    def failing_replace(src, dst):
-        calls.append((src, dst))
-        # the temp file is complete when it is renamed
-        assert os.path.getsize(src) > 0
-        raise OSError("disk gone")
-
-    monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk gone"):
-        write()
-    assert calls == [(f"{target}.{os.getpid()}.tmp", str(target))]
-    # the temp file is removed, the target never written
-    temps = [f for f in os.listdir(target.parent) if f.endswith(".tmp")]
-    assert not temps and not target.exists()
-    monkeypatch.undo()
-    write()
-    assert target.exists() and not [f for f in os.listdir(target.parent) if f.endswith(".tmp")]
 
 #################################################################################
 #                                   sample.py                                   #
@@ -1278,6 +1176,22 @@ def test_train_inception_metrics_while_training_torchrun(tmp_path, fid_weights_f
 INCEPTION_KEYS_SHA256 = "e22ace644c9f030d9793411454945147d47bff1a80d8339955d5867176d77687"
 
 
+@pytest.fixture(scope="module")
+def fid_inception():
+    """The FID Inception with the golden fill (seed 0), unfolded, in eval mode."""
+    m = fid.InceptionV3()
+    fill_(m.state_dict())
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def fid_weights_file(fid_inception, tmp_path_factory):
+    """fid_inception's state dict saved like the official .pth file."""
+    path = tmp_path_factory.mktemp("weights") / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(fid_inception.state_dict(), path)
+    return path
+
+
 def fid_images(n, size, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
@@ -1300,6 +1214,18 @@ def fid_batches(source, batch_size=2):
     out = torch.cat(list(it))
     assert len(out) == n
     return out
+
+
+def npz(path, *arrays, **named):
+    """np.savez(path, *arrays, **named); returns str(path)."""
+    np.savez(path, *arrays, **named)
+    return str(path)
+
+
+def empty_folder(path):
+    """path, made as an empty folder."""
+    path.mkdir()
+    return path
 
 
 def write_npz(path, n):
@@ -1344,13 +1270,12 @@ def test_fid_load_inception_from_file_folds_batchnorm(fid_inception, fid_weights
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
-@pytest.mark.parametrize("case, message", [
-    ("float", "uint8"),
-    ("one-channel", r"\(N, 3, H, W\) in tensors"),
-], ids=["float", "one-channel"])
-def test_fid_inception_rejects_bad_tensors(fid_inception, case, message):
-    x = {"float": torch.rand(1, 3, 64, 64),
-         "one-channel": torch.zeros(1, 1, 64, 64, dtype=torch.uint8)}[case]
+@pytest.mark.parametrize("x, message", [
+    pytest.param(torch.rand(1, 3, 64, 64), "uint8", id="float"),
+    pytest.param(torch.zeros(1, 1, 64, 64, dtype=torch.uint8), r"\(N, 3, H, W\) in tensors",
+                 id="one-channel"),
+])
+def test_fid_inception_rejects_bad_tensors(fid_inception, x, message):
     with pytest.raises(ValueError, match=message):
         fid_inception(x)
 
@@ -1373,10 +1298,16 @@ def test_fid_tf1_resize_hand_computed():
 
 
 def test_fid_of_a_set_with_itself_is_zero():
+    # the 256 corners of a cube of side 6 in 8 dimensions, centred on 0..7: that mean, and the
+    # covariance 9 * 256 / 255 (unbiased) times the identity
+    corners = np.array(list(itertools.product([-3.0, 3.0], repeat=8)))
+    mu, sigma = fid.statistics((corners + np.arange(8)).astype(np.float32))
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, np.arange(8), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sigma, 9 * 256 / 255 * np.eye(8), rtol=1e-12, atol=1e-12)
+    # a full covariance: its square root is computed, and the distance is still 0
     x = np.random.default_rng(0).normal(size=(500, 16)).astype(np.float32)
     mu, sigma = fid.statistics(x)
-    np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-6)
-    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-6)
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
 
 
@@ -1418,11 +1349,12 @@ def test_fid_rejects_mismatched_statistics():
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
-@pytest.mark.parametrize("which", ["mu1", "sigma1", "mu2", "sigma2"])
-def test_fid_frechet_distance_refuses_nan_and_inf(which):
+@pytest.mark.parametrize("which, value", [("mu1", np.nan), ("sigma1", np.inf),
+                                          ("mu2", np.nan), ("sigma2", np.inf)],
+                         ids=["mu1", "sigma1", "mu2", "sigma2"])
+def test_fid_frechet_distance_refuses_nan_and_inf(which, value):
     stats = {"mu1": np.zeros(4), "sigma1": np.eye(4), "mu2": np.ones(4), "sigma2": np.eye(4)}
-    stats[which] = stats[which].copy()
-    stats[which].flat[1] = np.nan if which.startswith("mu") else np.inf
+    stats[which].flat[1] = value
     with pytest.raises(ValueError) as e:
         fid.frechet_distance(**stats)
     assert str(e.value) == (f"{which} holds NaN or inf; FID needs the statistics of 2 or more "
@@ -1520,57 +1452,54 @@ def test_fid_npz_and_tensor_give_the_same_features(fid_inception, tmp_path):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
+# two gray images, (2, 1, 16, 16)
+GRAY = fid_images(2, 16, 11)[:, :1]
+
+
 def test_fid_grayscale_files_become_rgb(tmp_path):
-    gray = fid_images(2, 16, 11)[:, :1]
-    for i, im in enumerate(gray[:, 0].numpy()):
+    for i, im in enumerate(GRAY[:, 0].numpy()):
         Image.fromarray(im, mode="L").save(tmp_path / f"{i}.png")
-    assert torch.equal(fid_batches(str(tmp_path)), gray.expand(-1, 3, -1, -1))
+    assert torch.equal(fid_batches(str(tmp_path)), GRAY.expand(-1, 3, -1, -1))
 
 
-@pytest.mark.parametrize("layout", ["tensor-n1hw", "array-nhw1", "array-nhw"])
-def test_fid_gray_arrays_must_be_rgb(layout):
-    gray = fid_images(2, 16, 11)[:, :1]
-    x = {"tensor-n1hw": gray, "array-nhw1": gray.permute(0, 2, 3, 1).numpy(),
-         "array-nhw": gray[:, 0].numpy()}[layout]
+@pytest.mark.parametrize("x", [GRAY, GRAY.permute(0, 2, 3, 1).numpy(), GRAY[:, 0].numpy()],
+                         ids=["tensor-n1hw", "array-nhw1", "array-nhw"])
+def test_fid_gray_arrays_must_be_rgb(x):
     with pytest.raises(ValueError, match="repeat to 3 channels"):
         fid.image_batches(x)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("empty-folder", "no images"),
-    ("float-array", "uint8"),
-    ("five-channels", r"\(N, H, W, 3\)"),
-    ("float-npz", "uint8"),
-    ("npz-without-arr_0", "arr_0"),
-    ("missing-npz", "expected an existing .npz"),
-    ("mixed-sizes", "same size"),
-    ("broken-png", "001.png is not a readable image"),
-], ids=["empty-folder", "float-array", "five-channels", "float-npz", "npz-without-arr_0",
-        "missing-npz", "mixed-sizes", "broken-png"])
-def test_fid_bad_inputs_fail_clearly(tmp_path, case, message):
-    if case == "empty-folder":
-        (tmp_path / "empty").mkdir()
-        source = str(tmp_path / "empty")
-    elif case == "float-array":
-        source = np.zeros((2, 8, 8, 3), np.float32)
-    elif case == "five-channels":
-        source = np.zeros((2, 8, 8, 5), np.uint8)
-    elif case == "float-npz":
-        np.savez(tmp_path / "f.npz", np.zeros((2, 8, 8, 3), np.float32))
-        source = str(tmp_path / "f.npz")
-    elif case == "npz-without-arr_0":
-        np.savez(tmp_path / "k.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
-        source = str(tmp_path / "k.npz")
-    elif case == "missing-npz":
-        source = str(tmp_path / "missing.npz")
-    elif case == "mixed-sizes":
-        source = fid_write_folder(str(tmp_path / "mixed"), fid_images(2, 8, 0))
-        Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(os.path.join(source, "002.png"))
+def folder_with(path, x, name, data):
+    """fid_write_folder(path, x), plus the file name holding data (bytes or an HWC array)."""
+    fid_write_folder(str(path), x)
+    if isinstance(data, bytes):
+        (path / name).write_bytes(data)
     else:
-        source = fid_write_folder(str(tmp_path / "broken"), fid_images(1, 8, 0))
-        open(os.path.join(source, "001.png"), "wb").write(b"not a png")
+        Image.fromarray(data).save(path / name)
+    return str(path)
+
+
+@pytest.mark.parametrize("source, message", [
+    pytest.param(lambda tmp: empty_folder(tmp / "empty"), "no images", id="empty-folder"),
+    pytest.param(lambda tmp: np.zeros((2, 8, 8, 3), np.float32), "uint8", id="float-array"),
+    pytest.param(lambda tmp: np.zeros((2, 8, 8, 5), np.uint8), r"\(N, H, W, 3\)",
+                 id="five-channels"),
+    pytest.param(lambda tmp: npz(tmp / "f.npz", np.zeros((2, 8, 8, 3), np.float32)), "uint8",
+                 id="float-npz"),
+    pytest.param(lambda tmp: npz(tmp / "k.npz", images=np.zeros((2, 8, 8, 3), np.uint8)), "arr_0",
+                 id="npz-without-arr_0"),
+    pytest.param(lambda tmp: str(tmp / "missing.npz"), "expected an existing .npz",
+                 id="missing-npz"),
+    pytest.param(lambda tmp: folder_with(tmp / "mixed", fid_images(2, 8, 0), "002.png",
+                                         np.zeros((9, 8, 3), np.uint8)),
+                 "same size", id="mixed-sizes"),
+    pytest.param(lambda tmp: folder_with(tmp / "broken", fid_images(1, 8, 0), "001.png",
+                                         b"not a png"),
+                 "001.png is not a readable image", id="broken-png"),
+])
+def test_fid_bad_inputs_fail_clearly(tmp_path, source, message):
     with pytest.raises(ValueError, match=message):
-        fid_batches(source)
+        fid_batches(source(tmp_path))
 
 
 def test_fid_batch_size_must_be_positive():
@@ -1618,51 +1547,62 @@ ALPHA = np.array([[0, 255, 128, 1, 254], [255, 0, 64, 200, 255]], np.uint8)
 U16_AS_RGB = np.round(viewer_rgb(gray=U16 / 257)).astype(np.uint8)
 
 
-def mode_case(mode):
-    """(PIL image of that mode, expected RGB uint8 array or None for "as convert('RGB')")."""
-    if mode in ("I;16", "I;16B"):
-        raw = U16.astype(">u2" if mode == "I;16B" else "<u2").tobytes()
-        return Image.frombytes(mode, (5, 2), raw), U16_AS_RGB
-    if mode == "I":
-        return Image.fromarray(U16.astype(np.int32)), U16_AS_RGB
-    if mode == "RGBA":
-        return Image.fromarray(np.dstack([U8, ALPHA])), None
-    if mode == "LA":
-        return Image.fromarray(np.dstack([U8[..., 0], ALPHA]), "LA"), None
-    if mode in ("P", "P_transparency"):
-        im = Image.fromarray(U8).quantize(4)
-        if mode == "P_transparency":
-            im.info["transparency"] = 1
-        return im, None
-    if mode == "CMYK":
-        return Image.fromarray(np.dstack([U8, U8[..., :1]])[..., :4], "CMYK"), None
-    return Image.fromarray(U8 if mode == "RGB" else U8[..., 0]).convert(mode), None
+def with_transparency(im, index):
+    """im (a palette image) with palette entry index transparent."""
+    im.info["transparency"] = index
+    return im
 
 
-@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I", "RGBA", "LA", "P", "P_transparency", "CMYK",
-                                  "L", "RGB", "1"])
-def test_fid_to_rgb_is_what_a_viewer_shows(mode):
-    im, expected = mode_case(mode)
+# 5x2 images of the modes a folder of images may hold
+MODE_IMAGES = {
+    "I;16": lambda: Image.frombytes("I;16", (5, 2), U16.astype("<u2").tobytes()),
+    "I;16B": lambda: Image.frombytes("I;16B", (5, 2), U16.astype(">u2").tobytes()),
+    "I": lambda: Image.fromarray(U16.astype(np.int32)),
+    "RGBA": lambda: Image.fromarray(np.dstack([U8, ALPHA])),
+    "LA": lambda: Image.fromarray(np.dstack([U8[..., 0], ALPHA]), "LA"),
+    "P": lambda: Image.fromarray(U8).quantize(4),
+    "P_transparency": lambda: with_transparency(Image.fromarray(U8).quantize(4), 1),
+    "CMYK": lambda: Image.fromarray(np.dstack([U8, U8[..., :1]])[..., :4], "CMYK"),
+    "L": lambda: Image.fromarray(U8[..., 0]).convert("L"),
+    "RGB": lambda: Image.fromarray(U8).convert("RGB"),
+    "1": lambda: Image.fromarray(U8[..., 0]).convert("1"),
+}
+
+
+def to_rgb_array(im):
+    """fid.to_rgb(im) as an (H, W, 3) array, checked to be a 5x2 RGB image."""
     out = fid.to_rgb(im)
     assert out.mode == "RGB" and out.size == (5, 2)
-    got = np.asarray(out)
-    if expected is not None:
-        assert np.array_equal(got, expected)
-    elif mode in ("RGBA", "LA", "P_transparency"):
-        rgba = np.asarray(im.convert("RGBA")).astype(np.float64)
-        want = viewer_rgb(rgb=rgba[..., :3], alpha=rgba[..., 3] / 255)
-        # Pillow's alpha_composite rounds in integers: within 1 of the exact blend
-        assert np.abs(got - want).max() <= 1
-        opaque, clear = rgba[..., 3] == 255, rgba[..., 3] == 0
-        assert np.array_equal(got[opaque], rgba[..., :3][opaque].astype(np.uint8))
-        assert (got[clear] == 255).all()
-    else:
-        # plain 8-bit images: exactly what the official loaders' convert("RGB") gives
-        assert np.array_equal(got, np.asarray(im.convert("RGB")))
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_fid_to_rgb_scales_16_bit_gray_to_8_bits(mode):
+    assert np.array_equal(to_rgb_array(MODE_IMAGES[mode]()), U16_AS_RGB)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P_transparency"])
+def test_fid_to_rgb_shows_transparency_over_white(mode):
+    im = MODE_IMAGES[mode]()
+    got = to_rgb_array(im)
+    rgba = np.asarray(im.convert("RGBA")).astype(np.float64)
+    want = viewer_rgb(rgb=rgba[..., :3], alpha=rgba[..., 3] / 255)
+    # Pillow's alpha_composite rounds in integers: within 1 of the exact blend
+    assert np.abs(got - want).max() <= 1
+    opaque, clear = rgba[..., 3] == 255, rgba[..., 3] == 0
+    assert np.array_equal(got[opaque], rgba[..., :3][opaque].astype(np.uint8))
+    assert (got[clear] == 255).all()
+
+
+@pytest.mark.parametrize("mode", ["P", "CMYK", "L", "RGB", "1"])
+def test_fid_to_rgb_of_plain_8_bit_images_is_convert_rgb(mode):
+    im = MODE_IMAGES[mode]()
+    # exactly what the official loaders' convert("RGB") gives
+    assert np.array_equal(to_rgb_array(im), np.asarray(im.convert("RGB")))
 
 
 def test_fid_folder_reads_16_bit_palette_and_alpha_pngs(tmp_path):
-    ims = [mode_case(m)[0] for m in ("I;16", "RGBA", "P_transparency", "LA", "L")]
+    ims = [MODE_IMAGES[m]() for m in ("I;16", "RGBA", "P_transparency", "LA", "L")]
     for i, im in enumerate(ims):
         im.save(tmp_path / f"{i}.png", **({"transparency": 1} if im.mode == "P" else {}))
     x = torch.cat(list(fid.image_batches(str(tmp_path), 2)[1]))
@@ -1676,104 +1616,101 @@ def test_fid_folder_reads_16_bit_palette_and_alpha_pngs(tmp_path):
         assert np.array_equal(x[i].permute(1, 2, 0).numpy(), expected)
 
 
-@pytest.mark.parametrize("case", ["mu_nan", "sigma_inf", "mu_s_nan", "sigma_s_minus_inf", "mu_text",
-                                  "no_mu_s", "no_sigma", "mu_only"])
-def test_fid_reference_refuses_bad_statistics(tmp_path, case):
-    not_finite = ("{p}: {key} is not finite floats (NaN, inf or {dtype}); compute the statistics "
-                  "again: fid.py REF --save-stats NPZ")
-    missing = "{p} has statistics without {keys}; write all four with fid.py REF --save-stats NPZ"
-    change, message = {
-        "mu_nan": ({"mu": np.array([0.0, np.nan, 0.0])},
-                   not_finite.format(p="{p}", key="mu", dtype="float64")),
-        "sigma_inf": ({"sigma": np.full((3, 3), np.inf)},
-                      not_finite.format(p="{p}", key="sigma", dtype="float64")),
-        "mu_s_nan": ({"mu_s": np.array([np.nan, 0.0])},
-                     not_finite.format(p="{p}", key="mu_s", dtype="float64")),
-        "sigma_s_minus_inf": ({"sigma_s": -np.full((2, 2), np.inf)},
-                              not_finite.format(p="{p}", key="sigma_s", dtype="float64")),
-        "mu_text": ({"mu": np.array(["a", "b", "c"])},
-                    not_finite.format(p="{p}", key="mu", dtype="<U1")),
-        "no_mu_s": ({"mu_s": None}, missing.format(p="{p}", keys="mu_s")),
-        "no_sigma": ({"sigma": None}, missing.format(p="{p}", keys="sigma")),
-        "mu_only": ({"sigma": None, "mu_s": None, "sigma_s": None},
-                    missing.format(p="{p}", keys="sigma, mu_s, sigma_s")),
-    }[case]
+def not_finite(key, dtype="float64", path="{p}"):
+    """fid.reference's message for a statistic of path that is not finite floats."""
+    return (f"{path}: {key} is not finite floats (NaN, inf or {dtype}); compute the statistics "
+            "again: fid.py REF --save-stats NPZ")
+
+
+def missing_statistics(keys):
+    """fid.reference's message for statistics without keys, for str.format(p=)."""
+    return (f"{{p}} has statistics without {keys}; write all four with fid.py REF --save-stats "
+            "NPZ")
+
+
+@pytest.mark.parametrize("change, message", [
+    pytest.param({"mu": np.array([0.0, np.nan, 0.0])}, not_finite("mu"), id="mu_nan"),
+    pytest.param({"sigma": np.full((3, 3), np.inf)}, not_finite("sigma"), id="sigma_inf"),
+    pytest.param({"mu_s": np.array([np.nan, 0.0])}, not_finite("mu_s"), id="mu_s_nan"),
+    pytest.param({"sigma_s": -np.full((2, 2), np.inf)}, not_finite("sigma_s"),
+                 id="sigma_s_minus_inf"),
+    pytest.param({"mu": np.array(["a", "b", "c"])}, not_finite("mu", "<U1"), id="mu_text"),
+    pytest.param({"mu_s": None}, missing_statistics("mu_s"), id="no_mu_s"),
+    pytest.param({"sigma": None}, missing_statistics("sigma"), id="no_sigma"),
+    pytest.param({"sigma": None, "mu_s": None, "sigma_s": None},
+                 missing_statistics("sigma, mu_s, sigma_s"), id="mu_only"),
+])
+def test_fid_reference_refuses_bad_statistics(tmp_path, change, message):
     p = write_stats(tmp_path / "ref.npz", **change)
     with pytest.raises(ValueError) as e:
         fid.reference(str(p), None, 2)
     assert str(e.value) == message.format(p=p)
 
 
-@pytest.mark.parametrize("case", ["truncated", "random_bytes", "empty", "bad_crc"])
-def test_fid_corrupt_npz_is_named(tmp_path, case):
+def flip_a_byte_of_arr_0(blob):
+    """blob (an .npz file) with one image byte flipped: the zip's CRC check fails at the end of
+    arr_0, which only reading the images reaches."""
+    i = blob.index(b"arr_0.npy") + 200
+    return blob[:i] + bytes([blob[i] ^ 0xFF]) + blob[i + 1:]
+
+
+def read_npz_as_reference(p):
+    fid.reference(str(p), None, 2)
+
+
+def read_npz_images(p):
+    list(fid.image_batches(str(p), 2)[1])
+
+
+@pytest.mark.parametrize("corrupt, readers", [
+    pytest.param(lambda blob: blob[:len(blob) // 2], [read_npz_as_reference, read_npz_images],
+                 id="truncated"),
+    pytest.param(lambda blob: np.random.default_rng(1).integers(0, 256, 2000, np.uint8).tobytes(),
+                 [read_npz_as_reference, read_npz_images], id="random_bytes"),
+    pytest.param(lambda blob: b"", [read_npz_as_reference, read_npz_images], id="empty"),
+    pytest.param(flip_a_byte_of_arr_0, [read_npz_images], id="bad_crc"),
+])
+def test_fid_corrupt_npz_is_named(tmp_path, corrupt, readers):
     p = tmp_path / "ref.npz"
     np.savez(p, fid_images(3, 8, 0).permute(0, 2, 3, 1).numpy())
-    blob = p.read_bytes()
-    if case == "truncated":
-        p.write_bytes(blob[:len(blob) // 2])
-    elif case == "random_bytes":
-        p.write_bytes(np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes())
-    elif case == "empty":
-        p.write_bytes(b"")
-    else:
-        # one image byte flipped: the zip's CRC check fails at the end of arr_0
-        i = blob.index(b"arr_0.npy") + 200
-        p.write_bytes(blob[:i] + bytes([blob[i] ^ 0xFF]) + blob[i + 1:])
+    p.write_bytes(corrupt(p.read_bytes()))
     start = f"{p} is not a readable .npz file (truncated or corrupt: "
     end = "); write or download it again"
-    if case != "bad_crc":
+    for read in readers:
         with pytest.raises(ValueError) as e:
-            fid.reference(str(p), None, 2)
+            read(p)
         assert str(e.value).startswith(start) and str(e.value).endswith(end)
-    with pytest.raises(ValueError) as e:
-        n, batches = fid.image_batches(str(p), 2)
-        list(batches)
-    assert str(e.value).startswith(start) and str(e.value).endswith(end)
 
 
-@pytest.mark.parametrize("case", ["empty", "random_bytes", "truncated", "runs_code",
-                                  "another_model", "a_tensor", "wrong_shapes"])
-def test_fid_inception_bad_weights_file_is_named(tmp_path, case):
+@pytest.mark.parametrize("write", [
+    pytest.param(lambda p: p.write_bytes(b""), id="empty"),
+    pytest.param(lambda p: p.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8)
+                                         .tobytes()), id="random_bytes"),
+    pytest.param(lambda p: save({"fc.weight": torch.zeros(1008, 2048)}, p, keep=100_000),
+                 id="truncated"),
+    pytest.param(lambda p: save({"fc.weight": RunsCode(str(p.parent / "code_ran"))}, p),
+                 id="runs_code"),
+    pytest.param(lambda p: save(tiny_vae().state_dict(), p), id="another_model"),
+    pytest.param(lambda p: save(torch.zeros(3), p), id="a_tensor"),
+    pytest.param(lambda p: save({k: torch.zeros(1) for k in fid.InceptionV3().state_dict()}, p),
+                 id="wrong_shapes"),
+])
+def test_fid_inception_bad_weights_file_is_named(tmp_path, write):
     path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
-    marker = tmp_path / "code_ran"
-    if case == "empty":
-        path.write_bytes(b"")
-    elif case == "random_bytes":
-        path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    elif case == "truncated":
-        torch.save({"fc.weight": torch.zeros(1008, 2048)}, path)
-        path.write_bytes(path.read_bytes()[:100_000])
-    elif case == "runs_code":
-        torch.save({"fc.weight": RunsCode(str(marker))}, path)
-    elif case == "another_model":
-        torch.save(tiny_vae().state_dict(), path)
-    elif case == "a_tensor":
-        torch.save(torch.zeros(3), path)
-    else:
-        torch.save({k: torch.zeros(1) for k in fid.InceptionV3().state_dict()}, path)
+    write(path)
     with pytest.raises(ValueError) as e:
         fid.load_inception(str(path))
     assert str(e.value) == (f"{path} is not pt_inception-2015-12-05-6726825d.pth (empty, "
                             "truncated, corrupt, another model's weights or not only tensors); "
                             "delete it or pass that file")
-    assert not marker.exists()
+    assert not (tmp_path / "code_ran").exists()
 
 
 def test_fid_load_inception_uses_the_cache(fid_weights_file, tmp_path, monkeypatch):
-    monkeypatch.setenv("DIT_CACHE", str(tmp_path))
-    monkeypatch.setenv("DIT_INCEPTION_URL", "http://127.0.0.1:9/unreachable.pth")
-    # nothing cached: the download is tried, and fails
-    with pytest.raises(OSError, match="DIT_INCEPTION_URL"):
-        fid.load_inception()
-    assert os.listdir(tmp_path) == []
-    os.symlink(fid_weights_file, tmp_path / os.path.basename(fid.WEIGHTS_URL))
-    assert isinstance(fid.load_inception(), fid.InceptionV3)
-
-
-def test_fid_inception_download_failure_says_what_to_do(tmp_path, monkeypatch):
     url = f"{closed_port_url()}/pt_inception-2015-12-05-6726825d.pth"
     monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("DIT_INCEPTION_URL", url)
+    # nothing cached: the download is tried, and fails with what to do
     with pytest.raises(OSError) as e:
         fid.load_inception()
     path = tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth"
@@ -1781,6 +1718,10 @@ def test_fid_inception_download_failure_says_what_to_do(tmp_path, monkeypatch):
                             "DIT_INCEPTION_URL to a mirror, or pass its path (fid.py --inception "
                             "PATH)")
     assert os.listdir(tmp_path) == []
+    # the file put there is used, nothing downloaded
+    path.parent.mkdir()
+    os.symlink(fid_weights_file, path)
+    assert isinstance(fid.load_inception(), fid.InceptionV3)
 
 
 def test_fid_load_inception_downloads_into_cache_dir(fid_inception, fid_weights_file, http_server,
@@ -1809,29 +1750,108 @@ def test_fid_shared_helpers_are_the_same_text_in_every_copy(name):
         assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(fid, name))
 
 
+# download() and cache_dir() are the same text in fid.py, vae.py and dit.py (the test above):
+# their behaviour is tested here, on fid.py's copy
+
 def test_fid_empty_cache_variable_means_the_default(tmp_path, monkeypatch):
-    check_empty_cache_variable_means_the_default(fid, tmp_path, monkeypatch)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DIT_CACHE", "")
+    assert fid.cache_dir() == str(tmp_path / ".cache" / "dit")
+    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "c"))
+    assert fid.cache_dir() == str(tmp_path / "c")
 
 
-@pytest.mark.parametrize("case", DOWNLOAD_CASES)
-def test_fid_download_leaves_no_trace_on_failure(case, http_server, tcp_server, tmp_path):
-    check_download_leaves_no_trace_on_failure(fid, case, http_server, tcp_server, tmp_path)
+def test_fid_download_renames_its_temp_file(http_server, tmp_path):
+    data = b"weights" * 1000
+    (http_server.root / "w.pth").write_bytes(data)
+    path = tmp_path / "a" / "b" / "w.pth"
+    sha = hashlib.sha256(data).hexdigest()
+    assert fid.download(f"{http_server.url}/w.pth", str(path), sha, mirror="MIRROR") == str(path)
+    # renamed from its temp file, which is gone
+    assert path.read_bytes() == data and os.listdir(path.parent) == ["w.pth"]
+
+
+@pytest.mark.parametrize("url, reason", [
+    pytest.param("{http}/w.pth", 'invalid hash value (expected "{zeros}", got "{sha}")',
+                 id="sha256"),
+    pytest.param("{http}/missing.pth", "HTTP Error 404: Not Found", id="404"),
+    pytest.param("{ssh}/w.pth", SSH_BANNER.decode(), id="not_http"),
+    pytest.param("{closed}/w.pth", REFUSED, id="no_server"),
+])
+def test_fid_download_leaves_no_trace_on_failure(http_server, tcp_server, tmp_path, url, reason):
+    data = b"weights" * 1000
+    (http_server.root / "w.pth").write_bytes(data)
+    names = dict(http=http_server.url, ssh=tcp_server(SSH_BANNER), closed=closed_port_url(),
+                 zeros="0" * 64, sha=hashlib.sha256(data).hexdigest())
+    url, reason = url.format(**names), reason.format(**names)
+    path = tmp_path / "a" / "b" / "w.pth"
+    with pytest.raises(OSError) as e:
+        fid.download(url, str(path), "0" * 64, mirror="MIRROR")
+    assert type(e.value) is OSError
+    assert str(e.value) == (f"cannot download {url} ({reason}); put the file at {path}, or set "
+                            "MIRROR to a mirror")
+    # the folders made for it are gone (no temp file in them), the one that was there stays
+    assert os.listdir(tmp_path) == ["www"]
 
 
 def test_fid_download_keeps_folders_it_did_not_make(tmp_path):
-    check_download_keeps_folders_it_did_not_make(fid, tmp_path)
+    # an empty cache folder that was there, inside an empty one: both stay
+    (tmp_path / "home" / "cache").mkdir(parents=True)
+    url = f"{closed_port_url()}/w.pth"
+    path = tmp_path / "home" / "cache" / "new" / "w.pth"
+    with pytest.raises(OSError) as e:
+        fid.download(url, str(path))
+    assert str(e.value) == f"cannot download {url} ({REFUSED}); put the file at {path}"
+    assert os.listdir(tmp_path / "home") == ["cache"]
+    assert os.listdir(tmp_path / "home" / "cache") == []
 
 
-@pytest.mark.parametrize("case", STOPPED_TRANSFER_CASES)
-def test_fid_download_stopped_transfer(case, tcp_server, tmp_path):
-    check_download_stopped_transfer(fid, case, tcp_server, tmp_path)
+# sha256 of the 1000 bytes a server promises and of the 10 it sends
+SHA256_1000, SHA256_10 = (hashlib.sha256(b"x" * n).hexdigest() for n in (1000, 10))
+
+
+@pytest.mark.parametrize("reply, sha256, reason", [
+    # the sha256 refuses the 10 bytes
+    pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n", SHA256_1000,
+                 re.escape(f'invalid hash value (expected "{SHA256_1000}", got "{SHA256_10}")'),
+                 id="content_length_and_sha256"),
+    # cut inside a chunk: http.client's IncompleteRead, whose counts vary with the Python version
+    pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n", None,
+                 r"IncompleteRead\(.*\)", id="chunked"),
+])
+def test_fid_download_stopped_transfer(tcp_server, tmp_path, reply, sha256, reason):
+    url = f"{tcp_server(reply + b'x' * 10)}/w"
+    path = tmp_path / "c" / "w"
+    with pytest.raises(OSError) as e:
+        fid.download(url, str(path), sha256)
+    expected = (re.escape(f"cannot download {url} (") + reason
+                + re.escape(f"); put the file at {path}"))
+    assert re.fullmatch(expected, str(e.value))
+    assert os.listdir(tmp_path) == []
 
 
 def test_fid_save_stats_writes_through_one_temp_name(tmp_path, monkeypatch):
+    """save_stats writes through stats.npz.<pid>.tmp and os.replace: a failing rename leaves
+    nothing behind, and the temp file is complete when it is renamed."""
     target = tmp_path / "stats.npz"
     stats = (np.zeros(2), np.eye(2)) * 2
-    check_atomic_write_uses_one_temp_name(lambda: fid.save_stats(str(target), *stats), target,
-                                          monkeypatch)
+    calls = []
+
+    def failing_replace(src, dst):
+        calls.append((src, dst))
+        # the temp file is complete when it is renamed
+        assert os.path.getsize(src) > 0
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        fid.save_stats(str(target), *stats)
+    assert calls == [(f"{target}.{os.getpid()}.tmp", str(target))]
+    # the temp file is removed, the target never written
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    fid.save_stats(str(target), *stats)
+    assert os.listdir(tmp_path) == ["stats.npz"]
 
 
 def test_fid_cli_prints_evaluator_lines_and_saves_stats(fid_weights_file, tmp_path, monkeypatch,
@@ -1868,76 +1888,85 @@ def test_fid_cli_prints_evaluator_lines_and_saves_stats(fid_weights_file, tmp_pa
         fid.reference(str(tmp_path / "other.npz"), None, 2)
 
 
-FID_CLI_CASES = ["ref_missing", "generated_missing", "ref_not_npz", "batch_size_0",
-                 "batch_size_negative", "device_bogus", "device_cuda", "inception_missing",
-                 "save_stats_folder_missing", "nothing_to_do", "one_generated", "three_generated",
-                 "one_ref_image_save_stats", "nan_stats", "corrupt_ref", "ref_without_images"]
+def too_few(path, n):
+    """fid.py's message for a set of n images, too few."""
+    return (f"{path} has {n} image(s); FID needs at least 2 per set, precision and recall 4 (the "
+            "paper's numbers: 50,000)")
 
 
-@pytest.mark.parametrize("case", FID_CLI_CASES)
-def test_fid_cli_bad_input_fails_before_loading_weights(tmp_path, monkeypatch, capsys, case):
-    # any attempt to load the weights would fail differently: nothing cached, no server
+def fid_cli_check(tmp_path, monkeypatch, capsys, argv, message):
+    """fid.py argv fails with "fid.py: error: message" and nothing else, before it loads (here:
+    downloads) the weights, which would fail otherwise: nothing cached, no server."""
     monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("DIT_INCEPTION_URL", closed_port_url() + "/w.pth")
-    ref = write_npz(tmp_path / "ref.npz", 5)
-    gen = write_npz(tmp_path / "samples.npz", 5)
-    args = [ref, gen]
-    if case in ("ref_missing", "generated_missing", "ref_not_npz"):
-        missing = tmp_path / {"ref_missing": "nope.npz", "generated_missing": "nope",
-                              "ref_not_npz": "ref.txt"}[case]
-        if case == "ref_not_npz":
-            missing.write_text("x")
-        args = [ref, missing] if case == "generated_missing" else [missing, gen]
-        message = f"{missing}: expected an existing .npz file or a folder of images"
-    elif case in ("batch_size_0", "batch_size_negative"):
-        size = 0 if case == "batch_size_0" else -3
-        args += ["--batch-size", size]
-        message = f"batch size must be a positive integer, got {size}"
-    elif case in ("device_bogus", "device_cuda"):
-        device = "bogus" if case == "device_bogus" else "cuda:0"
-        if device == "cuda:0" and torch.cuda.is_available():
-            pytest.skip("this machine has CUDA")
-        # torch's own reason: the device types it knows, or that it has no CUDA
-        with pytest.raises((RuntimeError, AssertionError)) as reason:
-            torch.empty(0, device=device)
-        args += ["--device", device]
-        message = f"--device {device} is not usable ({reason.value}); pass --device cpu"
-    elif case == "inception_missing":
-        args += ["--inception", tmp_path / "w.pth"]
-        message = (f"--inception {tmp_path / 'w.pth'}: no such file; leave it out to download the "
-                   "weights")
-    elif case == "save_stats_folder_missing":
-        args += ["--save-stats", tmp_path / "no" / "stats.npz"]
-        message = f"--save-stats {tmp_path / 'no' / 'stats.npz'}: its folder does not exist"
-    elif case == "nothing_to_do":
-        args = [ref]
-        message = "give SAMPLES to evaluate against REF, or --save-stats NPZ"
-    elif case in ("one_generated", "three_generated"):
-        n = 1 if case == "one_generated" else 3
-        write_npz(gen, n)
-        message = (f"{gen} has {n} image(s); FID needs at least 2 per set, precision and recall 4 "
-                   "(the paper's numbers: 50,000)")
-    elif case == "one_ref_image_save_stats":
-        write_npz(ref, 1)
-        args = [ref, "--save-stats", tmp_path / "stats.npz"]
-        message = (f"{ref} has 1 image(s); FID needs at least 2 per set, precision and recall 4 "
-                   "(the paper's numbers: 50,000)")
-    elif case == "nan_stats":
-        write_stats(ref, mu=np.array([np.nan, 0.0, 0.0]))
-        message = (f"{ref}: mu is not finite floats (NaN, inf or float64); compute the statistics "
-                   "again: fid.py REF --save-stats NPZ")
-    elif case == "corrupt_ref":
-        ref.write_bytes(ref.read_bytes()[:100])
-        message = (f"{ref} is not a readable .npz file (truncated or corrupt: File is not a zip "
-                   "file); write or download it again")
-    else:
-        np.savez(ref, x=np.zeros(3))
-        message = (f"{ref} has no images (arr_0), only ['x']; ADM .npz files hold uint8 images "
-                   "(N, H, W, 3) as arr_0: np.savez(path, images)")
-    code, out, err = run_cli(fid, monkeypatch, capsys, *args)
+    code, out, err = run_cli(fid, monkeypatch, capsys, *argv)
     assert code == f"fid.py: error: {message}"
     assert (out, err) == ("", "")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "stats.npz").exists()
+
+
+# {ref} and {gen} hold 5 images each before the case's files are written; {tmp} is tmp_path
+@pytest.mark.parametrize("files, argv, message", [
+    pytest.param({}, ["{tmp}/nope.npz", "{gen}"],
+                 "{tmp}/nope.npz: expected an existing .npz file or a folder of images",
+                 id="ref_missing"),
+    pytest.param({}, ["{ref}", "{tmp}/nope"],
+                 "{tmp}/nope: expected an existing .npz file or a folder of images",
+                 id="generated_missing"),
+    pytest.param({"ref.txt": lambda p: p.write_text("x")}, ["{tmp}/ref.txt", "{gen}"],
+                 "{tmp}/ref.txt: expected an existing .npz file or a folder of images",
+                 id="ref_not_npz"),
+    pytest.param({}, ["{ref}", "{gen}", "--batch-size", "0"],
+                 "batch size must be a positive integer, got 0", id="batch_size_0"),
+    pytest.param({}, ["{ref}", "{gen}", "--batch-size", "-3"],
+                 "batch size must be a positive integer, got -3", id="batch_size_negative"),
+    pytest.param({}, ["{ref}", "{gen}", "--inception", "{tmp}/w.pth"],
+                 "--inception {tmp}/w.pth: no such file; leave it out to download the weights",
+                 id="inception_missing"),
+    pytest.param({}, ["{ref}", "{gen}", "--save-stats", "{tmp}/no/stats.npz"],
+                 "--save-stats {tmp}/no/stats.npz: its folder does not exist",
+                 id="save_stats_folder_missing"),
+    pytest.param({}, ["{ref}"], "give SAMPLES to evaluate against REF, or --save-stats NPZ",
+                 id="nothing_to_do"),
+    pytest.param({"samples.npz": lambda p: write_npz(p, 1)}, ["{ref}", "{gen}"],
+                 too_few("{gen}", 1), id="one_generated"),
+    pytest.param({"samples.npz": lambda p: write_npz(p, 3)}, ["{ref}", "{gen}"],
+                 too_few("{gen}", 3), id="three_generated"),
+    pytest.param({"ref.npz": lambda p: write_npz(p, 1)}, ["{ref}", "--save-stats",
+                                                          "{tmp}/stats.npz"],
+                 too_few("{ref}", 1), id="one_ref_image_save_stats"),
+    pytest.param({"ref.npz": lambda p: write_stats(p, mu=np.array([np.nan, 0.0, 0.0]))},
+                 ["{ref}", "{gen}"], not_finite("mu", path="{ref}"), id="nan_stats"),
+    pytest.param({"ref.npz": lambda p: p.write_bytes(p.read_bytes()[:100])}, ["{ref}", "{gen}"],
+                 "{ref} is not a readable .npz file (truncated or corrupt: File is not a zip "
+                 "file); write or download it again", id="corrupt_ref"),
+    pytest.param({"ref.npz": lambda p: np.savez(p, x=np.zeros(3))}, ["{ref}", "{gen}"],
+                 "{ref} has no images (arr_0), only ['x']; ADM .npz files hold uint8 images "
+                 "(N, H, W, 3) as arr_0: np.savez(path, images)", id="ref_without_images"),
+])
+def test_fid_cli_bad_input_fails_before_loading_weights(tmp_path, monkeypatch, capsys, files,
+                                                        argv, message):
+    write_npz(tmp_path / "ref.npz", 5)
+    write_npz(tmp_path / "samples.npz", 5)
+    for name, write in files.items():
+        write(tmp_path / name)
+    names = dict(tmp=tmp_path, ref=tmp_path / "ref.npz", gen=tmp_path / "samples.npz")
+    argv = [a.format(**names) for a in argv]
+    fid_cli_check(tmp_path, monkeypatch, capsys, argv, message.format(**names))
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:0"])
+def test_fid_cli_unusable_device_fails_before_loading_weights(tmp_path, monkeypatch, capsys,
+                                                              device):
+    if device == "cuda:0" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    # torch's own reason: the device types it knows, or that it has no CUDA
+    with pytest.raises((RuntimeError, AssertionError)) as reason:
+        torch.empty(0, device=device)
+    argv = [write_npz(tmp_path / "ref.npz", 5), write_npz(tmp_path / "samples.npz", 5),
+            "--device", device]
+    fid_cli_check(tmp_path, monkeypatch, capsys, argv,
+                  f"--device {device} is not usable ({reason.value}); pass --device cpu")
 
 
 def test_fid_cli_stats_only_reference_needs_two_images_not_four(tmp_path, monkeypatch, capsys):
@@ -3270,24 +3299,6 @@ def test_vae_cache_paths_use_cache_dir(tmp_path, monkeypatch):
     assert vae.cache_paths("org/name", "config.json") == [
         str(tmp_path / ".cache" / "dit" / "org--name" / "main" / "config.json"),
         str(tmp_path / "hf" / "models--org--name" / "snapshots" / "main" / "config.json")]
-
-
-def test_vae_empty_cache_variable_means_the_default(tmp_path, monkeypatch):
-    check_empty_cache_variable_means_the_default(vae, tmp_path, monkeypatch)
-
-
-@pytest.mark.parametrize("case", DOWNLOAD_CASES)
-def test_vae_download_leaves_no_trace_on_failure(case, http_server, tcp_server, tmp_path):
-    check_download_leaves_no_trace_on_failure(vae, case, http_server, tcp_server, tmp_path)
-
-
-def test_vae_download_keeps_folders_it_did_not_make(tmp_path):
-    check_download_keeps_folders_it_did_not_make(vae, tmp_path)
-
-
-@pytest.mark.parametrize("case", STOPPED_TRANSFER_CASES)
-def test_vae_download_stopped_transfer(case, tcp_server, tmp_path):
-    check_download_stopped_transfer(vae, case, tcp_server, tmp_path)
 
 #################################################################################
 #                            benchmarks/gpu_check.py                            #
