@@ -109,17 +109,6 @@ def assert_summary(x, ref, rtol=1e-4, atol=1e-4):
         assert proj == pytest.approx(p, rel=rtol, abs=sum_atol), f"proj8[{k}]"
 
 
-def assert_sum_and_proj8(x, ref):
-    """The DPM-Solver++ goldens' own check (see their "about"): the sum and the 8 projections
-    within 1e-4 * sqrt(sq_sum) of the golden summary."""
-    assert list(x.shape) == ref["shape"]
-    x = x.double().flatten()
-    tol = 1e-4 * ref["sq_sum"] ** 0.5
-    assert abs(x.sum().item() - ref["sum"]) < tol, "sum"
-    for k, (proj, p) in enumerate(zip(projections(x), ref["proj8"])):
-        assert abs(proj - p) < tol, f"proj8[{k}]"
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tests run tiny models: one thread is faster, and torchrun children start 2 processes."""
@@ -2380,30 +2369,46 @@ def test_diffusion_bad_respacing_raises_clear_error(spacing, message):
         create_diffusion(spacing)
 
 
+def assert_sum_and_proj8(x, ref):
+    """The DPM-Solver++ goldens' own check (see their "about"): the sum and the 8 projections
+    within 1e-4 * sqrt(sq_sum) of the golden summary."""
+    assert list(x.shape) == ref["shape"]
+    x = x.double().flatten()
+    tol = 1e-4 * ref["sq_sum"] ** 0.5
+    assert abs(x.sum().item() - ref["sum"]) < tol, "sum"
+    for k, (proj, p) in enumerate(zip(projections(x), ref["proj8"])):
+        assert abs(proj - p) < tol, f"proj8[{k}]"
+
+
+def toy_sampling(g, z):
+    """(model, noise, model_kwargs) of golden.json's toy DPM-Solver++ entries."""
+    return toy_model, z, {}
+
+
+def dit_cfg_sampling(g, z):
+    """(model, noise, model_kwargs) of its DiT entries: classifier-free guidance as sample.py, the
+    batch [z, z] with labels [y, null]."""
+    golden, _ = golden_dit()
+    y = torch.tensor(g["labels"])
+    y = torch.cat([y, torch.full_like(y, g["num_classes"])])
+    return golden.forward_with_cfg, torch.cat([z, z]), dict(y=y, cfg_scale=g["cfg_scale"])
+
+
 # golden.json's "dpm_solver" entries, with test ids that name no other file
-DPM_GOLDEN = [pytest.param("toy_10", id="toy_10"), pytest.param("toy_20", id="toy_20"),
-              pytest.param("dit_s2_cfg_8steps", id="S2_cfg_8steps"),
-              pytest.param("dit_s2_cfg", id="S2_cfg", marks=pytest.mark.slow)]
+DPM_GOLDEN = [pytest.param("toy_10", toy_sampling, id="toy_10"),
+              pytest.param("toy_20", toy_sampling, id="toy_20"),
+              pytest.param("dit_s2_cfg_8steps", dit_cfg_sampling, id="S2_cfg_8steps"),
+              pytest.param("dit_s2_cfg", dit_cfg_sampling, id="S2_cfg", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("key", DPM_GOLDEN)
-def test_diffusion_dpm_solver_matches_diffusers(key):
+@pytest.mark.parametrize("key, sampling", DPM_GOLDEN)
+def test_diffusion_dpm_solver_matches_diffusers(key, sampling):
     g = GOLDEN["dpm_solver"][key]
     d = create_diffusion("")
     z = randn(g["noise_shape"], g["noise_seed"])
     calls = []
-    if key.startswith("toy"):
-        model = recording(toy_model, calls)
-        noise = z
-        kwargs = {}
-    else:
-        # classifier-free guidance as sample.py: the batch is [z, z] with labels [y, null]
-        golden, _ = golden_dit()
-        model = recording(golden.forward_with_cfg, calls)
-        noise = torch.cat([z, z])
-        y = torch.tensor(g["labels"])
-        y = torch.cat([y, torch.full_like(y, g["num_classes"])])
-        kwargs = dict(y=y, cfg_scale=g["cfg_scale"])
+    model, noise, kwargs = sampling(g, z)
+    model = recording(model, calls)
     x = d.dpm_solver_sample_loop(model, noise.shape, noise, num_steps=g["num_steps"],
                                  model_kwargs=kwargs, device="cpu")
     assert_sum_and_proj8(x[: len(z)], g["result"])
@@ -2486,18 +2491,16 @@ def test_diffusion_dpm_solver_1000_steps_stay_finite():
     assert torch.isfinite(out).all()
 
 
-def test_diffusion_dpm_solver_prints_progress(capsys):
-    d = create_diffusion("")
-    d.dpm_solver_sample_loop(toy_model, (1, 4, 2, 2), num_steps=3, progress=True)
+@pytest.mark.parametrize("spacing, loop, kwargs", [
+    pytest.param("4", "p_sample_loop", {}, id="ddpm"),
+    pytest.param("ddim4", "ddim_sample_loop", {}, id="ddim"),
+    pytest.param("", "dpm_solver_sample_loop", {"num_steps": 4}, id="dpm-solver"),
+])
+def test_diffusion_sampling_loops_print_progress(capsys, spacing, loop, kwargs):
+    getattr(create_diffusion(spacing), loop)(toy_model, (1, 4, 2, 2), progress=True, **kwargs)
     err = capsys.readouterr().err
-    assert "\rsampling step 1/3, " in err
-    assert re.search(r"\rsampling step 3/3, [\d,.]+/s, ETA \d+:\d\d:\d\d \n$", err)
-
-
-def test_diffusion_loops_print_shared_progress_line(capsys):
-    d = create_diffusion("ddim4")
-    d.ddim_sample_loop(toy_model, (1, 4, 2, 2), progress=True)
-    err = capsys.readouterr().err
+    # the shared progress line (fid.progress's text, tested there): each step, then a newline
+    assert re.findall(r"\rsampling step (\d)/4, ", err) == ["1", "2", "3", "4"]
     assert re.search(r"\rsampling step 4/4, [\d,.]+/s, ETA \d+:\d\d:\d\d \n$", err)
 
 
