@@ -226,6 +226,18 @@ class RunsCode:
         return os.mkdir, (self.path,)
 
 
+def put(path, data):
+    """path, written with the bytes data."""
+    path.write_bytes(data)
+    return path
+
+
+def empty_folder(path):
+    """path, made as an empty folder."""
+    path.mkdir()
+    return path
+
+
 def save(obj, path, keep=None):
     """torch.save(obj, path); with keep, the file is then cut to its first keep bytes (a truncated
     file). Returns path."""
@@ -264,8 +276,9 @@ ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
 
 
 def write_safetensors(tensors, path):
-    """A dict of tensors as a .safetensors file, written by hand: the u64 little-endian header
-    length, the JSON header padded with spaces to 8 bytes, then the tensors' bytes."""
+    """A dict of tensors as a .safetensors file at path, written by hand: the u64 little-endian
+    header length, the JSON header padded with spaces to 8 bytes, then the tensors' bytes. Returns
+    path."""
     header = {"__metadata__": {"format": "pt"}}
     blobs = []
     offset = 0
@@ -278,6 +291,7 @@ def write_safetensors(tensors, path):
     head += b" " * (-len(head) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    return path
 
 
 def write_vae_folder(m, folder):
@@ -1199,12 +1213,6 @@ def npz(path, *arrays, **named):
     """np.savez(path, *arrays, **named); returns str(path)."""
     np.savez(path, *arrays, **named)
     return str(path)
-
-
-def empty_folder(path):
-    """path, made as an empty folder."""
-    path.mkdir()
-    return path
 
 
 def write_npz(path, n):
@@ -2602,9 +2610,13 @@ def st_bytes(entries, data, header_extra=None):
     return struct.pack("<Q", len(head)) + head + data
 
 
-def publish(routes, repo, m, tmp_path, sha=None, weights="safetensors", redirect=True, etag=None):
+def publish(routes, repo, m, tmp_path, sha=None, weights="safetensors", redirect=True, etag=None,
+            weak=False, sent=None):
     """Serve m as the Hub does: config.json directly (its ETag a git sha1), the weights through a
-    302 to a CDN that carries X-Linked-Etag (the sha256), or with redirect=False directly."""
+    302 to a CDN that carries X-Linked-Etag (the sha256: sha, by default the file's, none if "";
+    weak: in the Hub's weak form W/"SHA256"), or with redirect=False directly. With sent, only
+    the first sent bytes of the weights come (Content-Length promises them all). Returns the
+    weights file's bytes."""
     d = tmp_path / "published"
     write_vae_folder(m, d)
     if weights == "bin":
@@ -2615,18 +2627,21 @@ def publish(routes, repo, m, tmp_path, sha=None, weights="safetensors", redirect
     routes[f"/{repo}/resolve/main/config.json"] = (200, {"ETag": '"%s"' % ("a" * 40)}, config)
     linked = {}
     if sha != "":
-        linked = {"X-Linked-Etag": '"%s"' % (sha or hashlib.sha256(body).hexdigest())}
+        sha = sha or hashlib.sha256(body).hexdigest()
+        linked = {"X-Linked-Etag": 'W/"%s"' % sha.upper() if weak else '"%s"' % sha}
     path = f"/{repo}/resolve/main/diffusion_pytorch_model.{weights}"
+    length = {"Content-Length": str(len(body))}
     if redirect:
         routes[path] = (302, {"Location": f"/cdn/{repo}/blob", **linked}, b"")
-        routes[f"/cdn/{repo}/blob"] = (200, {"ETag": '"not-a-sha256"'}, body)
+        routes[f"/cdn/{repo}/blob"] = (200, {"ETag": '"not-a-sha256"', **length}, body[:sent])
     else:
-        routes[path] = (200, {**linked, **({"ETag": etag} if etag else {})}, body)
+        routes[path] = (200, {**linked, **({"ETag": etag} if etag else {}), **length}, body[:sent])
     return body
 
 
-def advice(tmp_path, repo):
-    folder = tmp_path / "dit_cache" / repo.replace("/", "--") / "main"
+def advice(repo):
+    """vae.py's advice when repo cannot be fetched; {tmp} stands for tmp_path."""
+    folder = os.path.join("{tmp}", "dit_cache", repo.replace("/", "--"), "main")
     return (f"put its config.json and diffusion_pytorch_model.safetensors in {folder}{os.sep}, or "
             "set HF_ENDPOINT to a mirror, or pass a local folder or file")
 
@@ -2728,45 +2743,60 @@ def test_vae_config_numbers_that_are_fine(tmp_path):
     assert_same_vae(m, loaded)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("other-widths", r"does not fit the VAE of .*config.json: size mismatch for encoder.conv_in"
-                     r".weight: copying a param with shape torch.Size\(\[32, 3, 3, 3\]\)"),
-    ("autoencoder-tiny", "AutoencoderTiny"),
-    ("missing-and-unexpected-keys", r'config.json: Missing key\(s\) in state_dict: '
-                                    r'"decoder.conv_out.bias"\.; Unexpected key\(s\) in '
-                                    r'state_dict: "decoder.extra.weight"\.$'),
-    ("a-transformer-checkpoint", "holds no VAE weights.*x_embedder"),
-], ids=["other-widths", "autoencoder-tiny", "missing-and-unexpected-keys",
-        "a-transformer-checkpoint"])
-def test_vae_wrong_model_errors_name_the_problem(tmp_path, case, message):
+def vae_folder(folder, config=None, weights=None):
+    """tiny_vae() in diffusers' layout in folder (write_format); its config.json updated by the
+    dict config or replaced by the bytes config, its weights by weights(its state dict). Returns
+    folder."""
     m = tiny_vae()
-    d = write_format(m, "diffusers", tmp_path / "a")
-    cfg = {**m.config, "block_out_channels": [64, 64]}
-    if case == "other-widths":
-        json.dump(cfg, open(tmp_path / "a" / "config.json", "w"))
-    elif case == "autoencoder-tiny":
-        tiny = {**cfg, "_class_name": "AutoencoderTiny"}
-        json.dump(tiny, open(tmp_path / "a" / "config.json", "w"))
-    elif case == "missing-and-unexpected-keys":
-        sd = m.state_dict()
-        sd.pop("decoder.conv_out.bias")
-        sd["decoder.extra.weight"] = torch.zeros(1)
-        write_safetensors(sd, str(tmp_path / "a" / "diffusion_pytorch_model.safetensors"))
-    else:
-        torch.save({"x_embedder.proj.weight": torch.zeros(1),
-                    "y_embedder.embedding_table.weight": torch.zeros(1)}, tmp_path / "dit.pt")
-        d = str(tmp_path / "dit.pt")
-    with pytest.raises(ValueError, match=message):
-        vae.load_vae(d)
+    write_format(m, "diffusers", folder)
+    if isinstance(config, bytes):
+        (folder / "config.json").write_bytes(config)
+    elif config:
+        (folder / "config.json").write_text(json.dumps({**m.config, **config}))
+    if weights:
+        write_safetensors(weights(m.state_dict()), folder / "diffusion_pytorch_model.safetensors")
+    return folder
 
 
-def test_vae_name_that_is_nothing_is_refused():
-    message = "not a file, a directory, or a Hugging Face repo id"
-    with pytest.raises(FileNotFoundError, match=message):
-        vae.load_vae("no such file.safetensors")
+def decoder_only(sd):
+    return {k: v for k, v in sd.items() if not k.startswith(("encoder.", "quant_conv."))}
 
 
-@pytest.mark.parametrize("name", ["weights/vae.safetensors", "models/sd.ckpt"])
+def missing_and_unexpected(sd):
+    return {**{k: v for k, v in sd.items() if k != "decoder.conv_out.bias"},
+            "decoder.extra.weight": torch.zeros(1)}
+
+
+# messages are regular expressions; {tmp} is tmp_path
+@pytest.mark.parametrize("make, message", [
+    pytest.param(lambda tmp: vae_folder(tmp / "a", {"block_out_channels": [64, 64]}),
+                 r"does not fit the VAE of .*config.json: size mismatch for encoder.conv_in"
+                 r".weight: copying a param with shape torch.Size\(\[32, 3, 3, 3\]\)",
+                 id="other-widths"),
+    pytest.param(lambda tmp: vae_folder(tmp / "a", {"block_out_channels": [64, 64],
+                                                    "_class_name": "AutoencoderTiny"}),
+                 "AutoencoderTiny", id="autoencoder-tiny"),
+    pytest.param(lambda tmp: vae_folder(tmp / "a", weights=missing_and_unexpected),
+                 r'config.json: Missing key\(s\) in state_dict: "decoder.conv_out.bias"\.; '
+                 r'Unexpected key\(s\) in state_dict: "decoder.extra.weight"\.$',
+                 id="missing-and-unexpected-keys"),
+    pytest.param(lambda tmp: vae_folder(tmp / "v", weights=decoder_only),
+                 r"^{tmp}/v/diffusion_pytorch_model.safetensors does not fit the VAE of "
+                 r'{tmp}/v/config.json: Missing key\(s\) in state_dict: "encoder.conv_in.weight"',
+                 id="decoder-only-folder"),
+    pytest.param(lambda tmp: save({"x_embedder.proj.weight": torch.zeros(1),
+                                   "y_embedder.embedding_table.weight": torch.zeros(1)},
+                                  tmp / "dit.pt"),
+                 "holds no VAE weights.*x_embedder", id="a-transformer-checkpoint"),
+])
+def test_vae_wrong_model_errors_name_the_problem(tmp_path, make, message):
+    target = make(tmp_path)
+    with pytest.raises(ValueError, match=message.format(tmp=re.escape(str(tmp_path)))):
+        vae.load_vae(str(target))
+
+
+@pytest.mark.parametrize("name", ["no such file.safetensors", "weights/vae.safetensors",
+                                  "models/sd.ckpt"])
 def test_vae_weights_path_that_does_not_exist_is_not_sent_to_the_hub(http_server, name):
     with pytest.raises(FileNotFoundError) as e:
         vae.load_vae(name)
@@ -2775,15 +2805,11 @@ def test_vae_weights_path_that_does_not_exist_is_not_sent_to_the_hub(http_server
     assert http_server.log == []
 
 
-def test_vae_encode_refuses_odd_sizes():
-    with pytest.raises(ValueError, match="multiple of 2"):
-        tiny_vae().encode(torch.zeros(1, 3, 5, 6))
-
-
-def test_vae_encode_refuses_empty_images():
+@pytest.mark.parametrize("h, w", [(5, 6), (0, 4)], ids=["odd", "empty"])
+def test_vae_encode_refuses_odd_and_empty_sizes(h, w):
     with pytest.raises(ValueError) as e:
-        tiny_vae().encode(torch.zeros(1, 3, 0, 4))
-    assert str(e.value) == "image size 0x4 is not a positive multiple of 2; crop it"
+        tiny_vae().encode(torch.zeros(1, 3, h, w))
+    assert str(e.value) == f"image size {h}x{w} is not a positive multiple of 2; crop it"
 
 
 def test_vae_safetensors_roundtrip_dtypes(tmp_path):
@@ -2831,25 +2857,23 @@ def test_vae_safetensors_reads_unsorted_adjacent_and_empty_tensors(tmp_path):
     assert sd["e"].shape == (0, 3) and sd["z"].dtype == torch.int8 and sd["z"].shape == (0,)
 
 
-@pytest.mark.parametrize("case, match", [
-    ("truncated",
-     r"tensor w \[4\] torch.float32 does not fit bytes 0..16 of the 13 data bytes: truncated"),
-    ("tiny", "truncated or not a safetensors file"),
-    ("huge_header", "truncated or not a safetensors file"),
-    ("bad_json", "corrupt safetensors header"),
-    ("bad_offsets", "tensor w .* does not fit bytes 0..12 of the 16 data bytes"),
-], ids=["truncated", "tiny", "huge_header", "bad_json", "bad_offsets"])
-def test_vae_safetensors_corrupt_files_give_clear_errors(tmp_path, case, match):
-    good = st_bytes({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(16))
-    short = {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}
-    blob = {"truncated": good[:-3], "tiny": b"\x01\x02",
-            "huge_header": struct.pack("<Q", 1 << 40) + b"{}",
-            "bad_json": struct.pack("<Q", 4) + b"{no}",
-            "bad_offsets": st_bytes(short, bytes(16))}[case]
-    path = tmp_path / "x.safetensors"
-    path.write_bytes(blob)
+F32_4 = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+GOOD_ST = st_bytes({"w": F32_4}, bytes(16))
+
+
+@pytest.mark.parametrize("blob, match", [
+    pytest.param(GOOD_ST[:-3], r"tensor w \[4\] torch.float32 does not fit bytes 0..16 of the 13 "
+                 "data bytes: truncated", id="truncated"),
+    pytest.param(b"\x01\x02", "truncated or not a safetensors file", id="tiny"),
+    pytest.param(struct.pack("<Q", 1 << 40) + b"{}", "truncated or not a safetensors file",
+                 id="huge_header"),
+    pytest.param(struct.pack("<Q", 4) + b"{no}", "corrupt safetensors header", id="bad_json"),
+    pytest.param(st_bytes({"w": {**F32_4, "data_offsets": [0, 12]}}, bytes(16)),
+                 "tensor w .* does not fit bytes 0..12 of the 16 data bytes", id="bad_offsets"),
+])
+def test_vae_safetensors_corrupt_files_give_clear_errors(tmp_path, blob, match):
     with pytest.raises(ValueError, match=match):
-        vae.load_safetensors(str(path))
+        vae.load_safetensors(str(put(tmp_path / "x.safetensors", blob)))
 
 
 def test_vae_truncated_download_says_download_again(tmp_path):
@@ -2860,151 +2884,122 @@ def test_vae_truncated_download_says_download_again(tmp_path):
         vae.load_vae(str(tmp_path / "cut"))
 
 
-F32_4 = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
-HEADER_ERROR = ("{path}: corrupt safetensors header: tensor {name} is {entry}, not a known dtype, "
-                "a shape and two offsets; delete it and download again")
-TILE_ERROR = ("{path}: tensor {name} does not fit bytes {span} of the 16 data bytes: truncated or "
-              "corrupt; delete it and download again")
+def bad_entry(entry, case):
+    """A header whose tensor w is entry, and the message for it."""
+    message = (f"{{path}}: corrupt safetensors header: tensor w is {json.dumps(entry)}, not a "
+               "known dtype, a shape and two offsets; delete it and download again")
+    return pytest.param({"w": entry}, message, id=case)
 
 
-@pytest.mark.parametrize("case", ["fractional_offsets", "float_shape", "negative_shape",
-                                  "negative_offset", "three_offsets", "bool_shape",
-                                  "unknown_dtype", "entry_not_an_object", "header_not_an_object",
-                                  "overlap", "zero_size_inside_another", "past_the_data", "gap",
-                                  "wrong_length", "bytes_after_the_last"])
-def test_vae_safetensors_refuses_bad_entries(tmp_path, case):
-    entries = {
-        "fractional_offsets": {"w": {"dtype": "F32", "shape": [1], "data_offsets": [1.5, 5.5]}},
-        "float_shape": {"w": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}},
-        "negative_shape": {"w": {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}},
-        "negative_offset": {"w": {"dtype": "F32", "shape": [4], "data_offsets": [-4, 12]}},
-        "three_offsets": {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 16]}},
-        "bool_shape": {"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}},
-        "unknown_dtype": {"w": {"dtype": "Q7", "shape": [4], "data_offsets": [0, 16]}},
-        "entry_not_an_object": {"w": [0, 16]},
-        "header_not_an_object": [["w", F32_4]],
-        "overlap": {"a": F32_4, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}},
-        "zero_size_inside_another": {"a": F32_4,
-                                     "b": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}},
-        "past_the_data": {"w": {"dtype": "F32", "shape": [5], "data_offsets": [0, 20]}},
-        "gap": {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}},
-        "wrong_length": {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}},
-        "bytes_after_the_last": {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
-    }[case]
-    path = tmp_path / "x.safetensors"
+def bad_tiling(entries, tensor, case):
+    """A header whose tensors do not tile the 16 data bytes, and the message naming tensor."""
+    begin, end = entries[tensor.split()[0]]["data_offsets"]
+    message = (f"{{path}}: tensor {tensor} does not fit bytes {begin}..{end} of the 16 data bytes: "
+               "truncated or corrupt; delete it and download again")
+    return pytest.param(entries, message, id=case)
+
+
+def f32(shape, begin, end):
+    return {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
+
+
+# the tensors' bytes must tile the data: sorted by offsets, each begins where the previous one ended
+@pytest.mark.parametrize("entries, message", [
+    bad_entry(f32([1], 1.5, 5.5), "fractional_offsets"),
+    bad_entry(f32([4.0], 0, 16), "float_shape"),
+    bad_entry(f32([-2, -2], 0, 16), "negative_shape"),
+    bad_entry(f32([4], -4, 12), "negative_offset"),
+    bad_entry({"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 16]}, "three_offsets"),
+    bad_entry(f32([True], 0, 4), "bool_shape"),
+    bad_entry({**F32_4, "dtype": "Q7"}, "unknown_dtype"),
+    bad_entry([0, 16], "entry_not_an_object"),
+    pytest.param([["w", F32_4]], "{path}: truncated or not a safetensors file; delete it and "
+                 "download again", id="header_not_an_object"),
+    bad_tiling({"a": F32_4, "b": f32([2], 8, 16)}, "b [2] torch.float32", "overlap"),
+    bad_tiling({"a": F32_4, "b": f32([0], 8, 8)}, "b [0] torch.float32",
+               "zero_size_inside_another"),
+    bad_tiling({"w": f32([5], 0, 20)}, "w [5] torch.float32", "past_the_data"),
+    bad_tiling({"a": f32([2], 0, 8), "b": f32([1], 12, 16)}, "b [1] torch.float32", "gap"),
+    bad_tiling({"w": f32([2], 0, 16)}, "w [2] torch.float32", "wrong_length"),
+    pytest.param({"w": f32([2], 0, 8)}, "{path}: 8 data bytes after the last tensor: corrupt; "
+                 "delete it and download again", id="bytes_after_the_last"),
+])
+def test_vae_safetensors_refuses_bad_entries(tmp_path, entries, message):
     head = json.dumps(entries).encode()
-    path.write_bytes(struct.pack("<Q", len(head)) + head + bytes(16))
+    path = put(tmp_path / "x.safetensors", struct.pack("<Q", len(head)) + head + bytes(16))
     with pytest.raises(ValueError) as e:
         vae.load_safetensors(str(path))
-    # the tensors' bytes must tile the data: sorted by offsets, each begins where the previous one
-    # ended
-    tiles = {"overlap": "b [2] torch.float32", "zero_size_inside_another": "b [0] torch.float32",
-             "past_the_data": "w [5] torch.float32", "gap": "b [1] torch.float32",
-             "wrong_length": "w [2] torch.float32"}
-    if case == "header_not_an_object":
-        expected = f"{path}: truncated or not a safetensors file; delete it and download again"
-    elif case in tiles:
-        begin, end = entries[tiles[case].split()[0]]["data_offsets"]
-        expected = TILE_ERROR.format(path=path, name=tiles[case], span=f"{begin}..{end}")
-    elif case == "bytes_after_the_last":
-        expected = (f"{path}: 8 data bytes after the last tensor: corrupt; delete it and download "
-                    "again")
-    else:
-        expected = HEADER_ERROR.format(path=path, name="w", entry=json.dumps(entries["w"]))
-    assert str(e.value) == expected
+    assert str(e.value) == message.replace("{path}", str(path))
 
 
-NOT_A_STATE_DICT = ("{path} is not a PyTorch state dict (empty, truncated, corrupt or not only "
-                    "tensors); download it again, or pass a .safetensors file")
 NOT_A_FOLDER = ("{d} lacks config.json or diffusion_pytorch_model.safetensors (or .bin); pass a "
                 "diffusers VAE folder")
-NOT_A_NUMBER = "{{cfg}}: {what}, not a number; write the VAE's value there"
-CONFIG_CASES = {
-    "invalid_json": (b"{not json", "{cfg} is not valid JSON (Expecting property name enclosed in "
-                                   "double quotes: line 1 column 2 (char 1)); restore the VAE's "
-                                   "config.json"),
-    "config_a_list": (b"[1, 2]", "{cfg} is not a JSON object; restore the VAE's config.json"),
-    "scaling_a_string": ('{"scaling_factor": "0.18215"}',
-                         NOT_A_NUMBER.format(what='scaling_factor is "0.18215"')),
-    "scaling_null": ('{"scaling_factor": null}',
-                     NOT_A_NUMBER.format(what="scaling_factor is null")),
-    "scaling_nan": ('{"scaling_factor": NaN}', NOT_A_NUMBER.format(what="scaling_factor is NaN")),
-    "scaling_true": ('{"scaling_factor": true}',
-                     NOT_A_NUMBER.format(what="scaling_factor is true")),
-    "shift_a_string": ('{"shift_factor": "abc"}',
-                       NOT_A_NUMBER.format(what='shift_factor is "abc"')),
-    "shift_infinite": ('{"shift_factor": -Infinity}',
-                       NOT_A_NUMBER.format(what="shift_factor is -Infinity")),
-}
 
 
-@pytest.mark.parametrize("case", ["empty_folder", "no_config", *CONFIG_CASES, "decoder_only_file",
-                                  "decoder_only_folder", "bin_empty", "bin_random",
-                                  "bin_truncated", "pt_runs_code", "ckpt_holds_a_tensor"])
-def test_vae_bad_folders_configs_and_files(tmp_path, case):
-    m = tiny_vae()
-    d = tmp_path / "v"
-    d.mkdir()
-    cfg = d / "config.json"
-    marker = tmp_path / "code_ran"
-    if case == "empty_folder":
-        target, kind, message = d, FileNotFoundError, NOT_A_FOLDER.format(d=d)
-    elif case == "no_config":
-        write_safetensors(m.state_dict(), str(d / "diffusion_pytorch_model.safetensors"))
-        target, kind, message = d, FileNotFoundError, NOT_A_FOLDER.format(d=d)
-    elif case in CONFIG_CASES:
-        write_format(m, "diffusers", d)
-        text, message = CONFIG_CASES[case]
-        if isinstance(text, str):
-            # a fragment, added to the tiny VAE's config (JSON's last duplicate key wins)
-            text = (json.dumps(m.config)[:-1] + ", " + text[1:]).encode()
-        cfg.write_bytes(text)
-        target, kind, message = d, ValueError, message.format(cfg=cfg)
-    elif case.startswith("decoder_only"):
-        sd = {k: v for k, v in m.state_dict().items()
-              if not k.startswith(("encoder.", "quant_conv."))}
-        if case == "decoder_only_file":
-            target = tmp_path / "decoder.safetensors"
-            write_safetensors(sd, str(target))
-            kind = ValueError
-            message = f"{target} has decoder but no encoder weights; pass a whole VAE"
-        else:
-            write_format(m, "diffusers", d)
-            weights = d / "diffusion_pytorch_model.safetensors"
-            write_safetensors(sd, str(weights))
-            target, kind = d, ValueError
-            message = (f'{weights} does not fit the VAE of {cfg}: Missing key(s) in state_dict: '
-                       '"encoder.conv_in.weight"')
-    else:
-        target = tmp_path / {"bin_empty": "v.bin", "bin_random": "v.bin", "bin_truncated": "v.bin",
-                             "pt_runs_code": "v.pt", "ckpt_holds_a_tensor": "v.ckpt"}[case]
-        if case == "bin_empty":
-            target.write_bytes(b"")
-        elif case == "bin_random":
-            noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)
-            target.write_bytes(noise.tobytes())
-        elif case == "bin_truncated":
-            torch.save(m.state_dict(), target)
-            target.write_bytes(target.read_bytes()[:5000])
-        elif case == "pt_runs_code":
-            torch.save({"decoder.conv_in.weight": torch.zeros(1), "x": RunsCode(str(marker))},
-                       target)
-        else:
-            torch.save(torch.zeros(3), target)
-        kind, message = ValueError, NOT_A_STATE_DICT.format(path=target)
-    with pytest.raises(Exception) as e:
+def not_a_number(change, what, case):
+    """A config.json changed by change, and the message naming what is not a number."""
+    return pytest.param(lambda tmp: vae_folder(tmp / "v", change), ValueError,
+                        f"{{tmp}}/v/config.json: {what}, not a number; write the VAE's value there",
+                        id=case)
+
+
+def not_a_state_dict(write, name, case):
+    """A weights file name written by write(path), and the message saying it is no state dict."""
+    return pytest.param(lambda tmp: write(tmp / name), ValueError,
+                        f"{{tmp}}/{name} is not a PyTorch state dict (empty, truncated, corrupt or "
+                        "not only tensors); download it again, or pass a .safetensors file",
+                        id=case)
+
+
+@pytest.mark.parametrize("make, kind, message", [
+    pytest.param(lambda tmp: empty_folder(tmp / "v"), FileNotFoundError,
+                 NOT_A_FOLDER.format(d="{tmp}/v"), id="empty_folder"),
+    pytest.param(lambda tmp: write_safetensors(tiny_vae().state_dict(), empty_folder(tmp / "v")
+                                               / "diffusion_pytorch_model.safetensors").parent,
+                 FileNotFoundError, NOT_A_FOLDER.format(d="{tmp}/v"), id="no_config"),
+    pytest.param(lambda tmp: vae_folder(tmp / "v", b"{not json"), ValueError,
+                 "{tmp}/v/config.json is not valid JSON (Expecting property name enclosed in "
+                 "double quotes: line 1 column 2 (char 1)); restore the VAE's config.json",
+                 id="invalid_json"),
+    pytest.param(lambda tmp: vae_folder(tmp / "v", b"[1, 2]"), ValueError,
+                 "{tmp}/v/config.json is not a JSON object; restore the VAE's config.json",
+                 id="config_a_list"),
+    not_a_number({"scaling_factor": "0.18215"}, 'scaling_factor is "0.18215"', "scaling_a_string"),
+    not_a_number({"scaling_factor": None}, "scaling_factor is null", "scaling_null"),
+    not_a_number({"scaling_factor": math.nan}, "scaling_factor is NaN", "scaling_nan"),
+    not_a_number({"scaling_factor": True}, "scaling_factor is true", "scaling_true"),
+    not_a_number({"shift_factor": "abc"}, 'shift_factor is "abc"', "shift_a_string"),
+    not_a_number({"shift_factor": -math.inf}, "shift_factor is -Infinity", "shift_infinite"),
+    pytest.param(lambda tmp: write_safetensors(decoder_only(tiny_vae().state_dict()),
+                                               tmp / "decoder.safetensors"),
+                 ValueError, "{tmp}/decoder.safetensors has decoder but no encoder weights; pass a "
+                 "whole VAE", id="decoder_only_file"),
+    not_a_state_dict(lambda p: put(p, b""), "v.bin", "bin_empty"),
+    not_a_state_dict(lambda p: put(p, np.random.default_rng(0).integers(0, 256, 4096, np.uint8)
+                                   .tobytes()), "v.bin", "bin_random"),
+    not_a_state_dict(lambda p: save(tiny_vae().state_dict(), p, keep=5000), "v.bin",
+                     "bin_truncated"),
+    not_a_state_dict(lambda p: save(torch.zeros(3), p), "v.ckpt", "ckpt_holds_a_tensor"),
+])
+def test_vae_bad_folders_configs_and_files(tmp_path, make, kind, message):
+    target = make(tmp_path)
+    with pytest.raises(kind) as e:
         vae.load_vae(str(target))
-    assert type(e.value) is kind
-    if case == "decoder_only_folder":
-        assert str(e.value).startswith(message)
-    else:
-        assert str(e.value) == message
+    assert type(e.value) is kind and str(e.value) == message.format(tmp=tmp_path)
+
+
+def test_vae_weights_that_run_code_are_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    target = save({"decoder.conv_in.weight": torch.zeros(1), "x": RunsCode(str(marker))},
+                  tmp_path / "v.pt")
+    with pytest.raises(ValueError) as e:
+        vae.load_vae(str(target))
+    assert str(e.value) == (f"{target} is not a PyTorch state dict (empty, truncated, corrupt or "
+                            "not only tensors); download it again, or pass a .safetensors file")
     assert not marker.exists()
-    if case == "pt_runs_code":
-        # the file does hold code: unpickled without weights_only, it runs
-        torch.load(target, weights_only=False)
-        assert marker.exists()
+    # the file does hold code: unpickled without weights_only, it runs
+    torch.load(target, weights_only=False)
+    assert marker.exists()
 
 
 def test_vae_bf16_and_fp16_upcast(tmp_path):
@@ -3080,44 +3075,43 @@ def test_vae_cli_writes_the_adm_uint8_conversion(tmp_path, monkeypatch, capsys):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "img_vae.png")), expected)
 
 
-@pytest.mark.parametrize("case", ["image_1x1", "no_image", "not_an_image", "no_such_vae",
-                                  "empty_vae_folder", "offline_hub"])
-def test_vae_cli_bad_input_is_one_line(tmp_path, monkeypatch, capsys, case):
-    folder = write_format(tiny_vae(), "diffusers", tmp_path / "v")
-    image = tmp_path / "img.png"
-    Image.new("RGB", (1, 1) if case == "image_1x1" else (4, 4)).save(image)
-    vae_arg = folder
-    if case == "image_1x1":
-        message = (f"{image} is 1x1, smaller than the VAE's 2x2 pixels per latent; pass an image "
-                   "of at least 2x2")
-    elif case == "no_image":
-        image = tmp_path / "missing.png"
-        message = (f"{image} is not a readable image ([Errno 2] No such file or directory: "
-                   f"'{image}'); pass a PNG or JPEG file")
-    elif case == "not_an_image":
-        image = tmp_path / "notes.png"
-        image.write_text("not a picture")
-        message = (f"{image} is not a readable image (cannot identify image file '{image}'); pass "
-                   "a PNG or JPEG file")
-    elif case == "no_such_vae":
-        vae_arg = "nosuch.safetensors"
-        message = ("'nosuch.safetensors' is not a file, a directory, or a Hugging Face repo id "
-                   "(like 'stabilityai/sd-vae-ft-ema'; or ema, mse)")
-    elif case == "empty_vae_folder":
-        vae_arg = tmp_path / "empty"
-        vae_arg.mkdir()
-        message = NOT_A_FOLDER.format(d=vae_arg)
-    else:
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        monkeypatch.setenv("DIT_CACHE", str(tmp_path / "dit_cache"))
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_hub"))
-        vae_arg = "ema"
-        message = ("stabilityai/sd-vae-ft-ema is not cached and HF_HUB_OFFLINE is set; unset it "
-                   "to download, or " + advice(tmp_path, "stabilityai/sd-vae-ft-ema"))
-    code, out, err = run_cli(vae, monkeypatch, capsys, image, "--vae", vae_arg)
-    assert code == f"vae.py: error: {message}" and "\n" not in code
+def not_an_image(path, reason):
+    return f"{path} is not a readable image ({reason}); pass a PNG or JPEG file"
+
+
+# in tmp_path: v (a tiny VAE), img.png (4x4), tiny.png (1x1), notes.png (text), empty (a folder);
+# HF_HUB_OFFLINE is set
+@pytest.mark.parametrize("image, vae_arg, message", [
+    pytest.param("tiny.png", "{tmp}/v", "{tmp}/tiny.png is 1x1, smaller than the VAE's 2x2 pixels "
+                 "per latent; pass an image of at least 2x2", id="image_1x1"),
+    pytest.param("missing.png", "{tmp}/v", not_an_image(
+        "{tmp}/missing.png", "[Errno 2] No such file or directory: '{tmp}/missing.png'"),
+                 id="no_image"),
+    pytest.param("notes.png", "{tmp}/v", not_an_image(
+        "{tmp}/notes.png", "cannot identify image file '{tmp}/notes.png'"), id="not_an_image"),
+    pytest.param("img.png", "nosuch.safetensors", "'nosuch.safetensors' is not a file, a "
+                 "directory, or a Hugging Face repo id (like 'stabilityai/sd-vae-ft-ema'; or ema, "
+                 "mse)", id="no_such_vae"),
+    pytest.param("img.png", "{tmp}/empty", NOT_A_FOLDER.format(d="{tmp}/empty"),
+                 id="empty_vae_folder"),
+    pytest.param("img.png", "ema", "stabilityai/sd-vae-ft-ema is not cached and HF_HUB_OFFLINE is "
+                 "set; unset it to download, or " + advice("stabilityai/sd-vae-ft-ema"),
+                 id="offline_hub"),
+])
+def test_vae_cli_bad_input_is_one_line(tmp_path, monkeypatch, capsys, image, vae_arg, message):
+    write_format(tiny_vae(), "diffusers", tmp_path / "v")
+    Image.new("RGB", (4, 4)).save(tmp_path / "img.png")
+    Image.new("RGB", (1, 1)).save(tmp_path / "tiny.png")
+    (tmp_path / "notes.png").write_text("not a picture")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "dit_cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_hub"))
+    code, out, err = run_cli(vae, monkeypatch, capsys, tmp_path / image, "--vae",
+                             vae_arg.format(tmp=tmp_path))
+    assert code == f"vae.py: error: {message.format(tmp=tmp_path)}" and "\n" not in code
     assert (out, err) == ("", "")
-    assert not (tmp_path / "img_vae.png").exists()
+    assert not list(tmp_path.glob("*_vae.png"))
 
 
 def test_vae_cli_error_in_a_real_process_is_one_line(tmp_path):
@@ -3159,43 +3153,44 @@ def test_vae_hub_download_checks_the_announced_sha256_and_caches(http_server, tm
     assert len(log) == 5
 
 
-def test_vae_hub_sha256_mismatch_keeps_nothing(http_server, tmp_path):
-    body = publish(http_server.routes, "org/vae", tiny_vae(), tmp_path, sha="0" * 64)
-    path = tmp_path / "dit_cache" / "org--vae" / "main" / "diffusion_pytorch_model.safetensors"
+# sha256 of a file that is not the one served
+OTHER_SHA256 = hashlib.sha256(b"another file").hexdigest()
+
+
+@pytest.mark.parametrize("publish_kwargs", [
+    # the redirect announces another file's sha256
+    pytest.param(dict(sha=OTHER_SHA256), id="sha256-mismatch"),
+    # a 200 without redirect announces its sha256 too: checked
+    pytest.param(dict(sha=OTHER_SHA256, redirect=False), id="x-linked-etag-on-a-200"),
+    # the CDN promises the whole file and sends 10 bytes
+    pytest.param(dict(sent=10), id="interrupted-download"),
+])
+def test_vae_hub_sha256_mismatch_keeps_nothing(http_server, tmp_path, publish_kwargs):
+    body = publish(http_server.routes, "org/vae", tiny_vae(), tmp_path, **publish_kwargs)
     url = f"{http_server.url}/org/vae/resolve/main/diffusion_pytorch_model.safetensors"
+    path = tmp_path / "dit_cache" / "org--vae" / "main" / "diffusion_pytorch_model.safetensors"
     with pytest.raises(OSError) as e:
         vae.load_vae("org/vae")
-    got = hashlib.sha256(body).hexdigest()
+    expected = publish_kwargs.get("sha") or hashlib.sha256(body).hexdigest()
+    got = hashlib.sha256(body[:publish_kwargs.get("sent")]).hexdigest()
     assert type(e.value) is OSError and str(e.value) == (
-        f'cannot download {url} (invalid hash value (expected "{"0" * 64}", got "{got}")); put '
+        f'cannot download {url} (invalid hash value (expected "{expected}", got "{got}")); put '
         f"the file at {path}, or set HF_ENDPOINT to a mirror")
+    # the config.json that did come is kept, no part of the weights
     assert os.listdir(path.parent) == ["config.json"]
 
 
-@pytest.mark.parametrize("case", ["x-linked-etag-on-a-200", "etag-is-not-a-sha256", "weak-etag",
-                                  "no-sha256"])
-def test_vae_hub_sha256_only_from_x_linked_etag(http_server, tmp_path, case):
-    routes = http_server.routes
+@pytest.mark.parametrize("publish_kwargs", [
+    # a 64-hex ETag that is no sha256 of the file: ignored
+    pytest.param(dict(sha="", redirect=False, etag=f'"{OTHER_SHA256}"'),
+                 id="etag-is-not-a-sha256"),
+    # W/"..." and upper case: the Hub's weak form of the same sha256
+    pytest.param(dict(weak=True), id="weak-etag"),
+    pytest.param(dict(sha=""), id="no-sha256"),
+])
+def test_vae_hub_sha256_only_from_x_linked_etag(http_server, tmp_path, publish_kwargs):
     m = tiny_vae()
-    other = hashlib.sha256(b"another file").hexdigest()
-    if case == "x-linked-etag-on-a-200":
-        # a 200 without redirect announces its sha256 too: checked
-        publish(routes, "org/vae", m, tmp_path, sha=other, redirect=False)
-        with pytest.raises(OSError, match=f'invalid hash value \\(expected "{other}"'):
-            vae.load_vae("org/vae")
-        return
-    if case == "etag-is-not-a-sha256":
-        # a 64-hex ETag that is no sha256 of the file: ignored
-        publish(routes, "org/vae", m, tmp_path, sha="", redirect=False, etag=f'"{other}"')
-    elif case == "weak-etag":
-        # W/"..." and upper case: the Hub's weak form of the same sha256
-        body = publish(routes, "org/vae", m, tmp_path)
-        path = "/org/vae/resolve/main/diffusion_pytorch_model.safetensors"
-        status, headers, _ = routes[path]
-        weak = 'W/"%s"' % hashlib.sha256(body).hexdigest().upper()
-        routes[path] = (status, {**headers, "X-Linked-Etag": weak}, b"")
-    else:
-        publish(routes, "org/vae", m, tmp_path, sha="")
+    publish(http_server.routes, "org/vae", m, tmp_path, **publish_kwargs)
     assert_same_vae(m, vae.load_vae("org/vae"))
 
 
@@ -3211,66 +3206,61 @@ def test_vae_hub_falls_back_to_bin_on_a_404(http_server, tmp_path):
     assert cached == ["config.json", "diffusion_pytorch_model.bin"]
 
 
-@pytest.mark.parametrize("case", ["no_repo", "no_weights", "gated", "unreachable", "not_http",
-                                  "offline"])
-def test_vae_hub_errors_say_what_to_do(http_server, tcp_server, tmp_path, monkeypatch, case):
-    routes, log = http_server.routes, http_server.log
-    url = f"{http_server.url}/org/vae/resolve/main/config.json"
-    why = "no such repo or file, or a gated or private repo"
-    if case == "no_repo":
-        kind = OSError
-        message = (f"cannot download {url} (HTTP Error 404: Not Found; {why}); check the repo "
-                   f"id, or {advice(tmp_path, 'org/vae')}")
-    elif case == "no_weights":
-        publish(routes, "org/vae", tiny_vae(), tmp_path)
-        del routes["/org/vae/resolve/main/diffusion_pytorch_model.safetensors"]
-        kind = FileNotFoundError
-        message = ("org/vae has no diffusion_pytorch_model.safetensors or .bin; check the repo "
-                   "id, or pass a local folder or file")
-    elif case == "gated":
-        body = b"Access to model org/vae is restricted"
-        routes["/org/vae/resolve/main/config.json"] = (401, {}, body)
-        kind = OSError
-        message = (f"cannot download {url} (HTTP Error 401: Unauthorized; {why}); check the repo "
-                   f"id, or {advice(tmp_path, 'org/vae')}")
-    elif case in ("unreachable", "not_http"):
-        endpoint = closed_port_url() if case == "unreachable" else tcp_server(SSH_BANNER)
-        monkeypatch.setenv("HF_ENDPOINT", endpoint)
-        url = f"{endpoint}/org/vae/resolve/main/config.json"
-        reason = REFUSED if case == "unreachable" else "SSH-2.0-OpenSSH_9.6"
-        kind, message = OSError, f"cannot reach {url} ({reason}); {advice(tmp_path, 'org/vae')}"
-    else:
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        kind = FileNotFoundError
-        message = ("org/vae is not cached and HF_HUB_OFFLINE is set; unset it to download, or "
-                   + advice(tmp_path, "org/vae"))
-    with pytest.raises(OSError) as e:
-        vae.load_vae("org/vae")
-    assert type(e.value) is kind and str(e.value) == message
-    if case == "no_weights":
-        # the config.json that did come is kept
-        assert os.listdir(tmp_path / "dit_cache" / "org--vae" / "main") == ["config.json"]
-    else:
-        # no empty cache folders left behind
-        assert not (tmp_path / "dit_cache").exists()
-    if case == "offline":
-        assert log == []
+def without_weights(hub):
+    """org/vae published without its weights file."""
+    publish(hub.routes, "org/vae", tiny_vae(), hub.tmp)
+    del hub.routes["/org/vae/resolve/main/diffusion_pytorch_model.safetensors"]
 
 
-def test_vae_hub_interrupted_download_keeps_nothing(http_server, tmp_path):
-    routes = http_server.routes
-    body = publish(routes, "org/vae", tiny_vae(), tmp_path)
-    # the CDN promises the whole file and sends 10 bytes: the announced sha256 refuses them
-    routes["/cdn/org/vae/blob"] = (200, {"Content-Length": str(len(body))}, body[:10])
-    url = f"{http_server.url}/org/vae/resolve/main/diffusion_pytorch_model.safetensors"
-    path = tmp_path / "dit_cache" / "org--vae" / "main" / "diffusion_pytorch_model.safetensors"
+def gated(hub):
+    """org/vae's config.json answers 401, as a gated repo's."""
+    body = b"Access to model org/vae is restricted"
+    hub.routes["/org/vae/resolve/main/config.json"] = (401, {}, body)
+
+
+def files_under(root):
+    """The paths of the files under root, relative to it, sorted."""
+    return sorted(os.path.relpath(os.path.join(d, f), root)
+                  for d, _, files in os.walk(root) for f in files)
+
+
+WHY = "no such repo or file, or a gated or private repo"
+CONFIG_URL = "{endpoint}/org/vae/resolve/main/config.json"
+
+
+# {endpoint} is HF_ENDPOINT, {tmp} tmp_path; kept: the files left in the cache
+@pytest.mark.parametrize("setup, kind, message, kept", [
+    pytest.param(lambda hub: None, OSError, f"cannot download {CONFIG_URL} (HTTP Error 404: Not "
+                 f"Found; {WHY}); check the repo id, or {advice('org/vae')}", [], id="no_repo"),
+    pytest.param(without_weights, FileNotFoundError, "org/vae has no diffusion_pytorch_model."
+                 "safetensors or .bin; check the repo id, or pass a local folder or file",
+                 ["org--vae/main/config.json"], id="no_weights"),
+    pytest.param(gated, OSError, f"cannot download {CONFIG_URL} (HTTP Error 401: Unauthorized; "
+                 f"{WHY}); check the repo id, or {advice('org/vae')}", [], id="gated"),
+    pytest.param(lambda hub: hub.env.setenv("HF_ENDPOINT", closed_port_url()), OSError,
+                 f"cannot reach {CONFIG_URL} ({REFUSED}); {advice('org/vae')}", [],
+                 id="unreachable"),
+    pytest.param(lambda hub: hub.env.setenv("HF_ENDPOINT", hub.tcp_server(SSH_BANNER)), OSError,
+                 f"cannot reach {CONFIG_URL} (SSH-2.0-OpenSSH_9.6); {advice('org/vae')}", [],
+                 id="not_http"),
+    pytest.param(lambda hub: hub.env.setenv("HF_HUB_OFFLINE", "1"), FileNotFoundError,
+                 "org/vae is not cached and HF_HUB_OFFLINE is set; unset it to download, or "
+                 + advice("org/vae"), [], id="offline"),
+])
+def test_vae_hub_errors_say_what_to_do(http_server, tcp_server, tmp_path, monkeypatch, setup,
+                                       kind, message, kept):
+    setup(types.SimpleNamespace(routes=http_server.routes, tmp=tmp_path, env=monkeypatch,
+                                tcp_server=tcp_server))
     with pytest.raises(OSError) as e:
         vae.load_vae("org/vae")
-    whole, part = hashlib.sha256(body).hexdigest(), hashlib.sha256(body[:10]).hexdigest()
-    assert str(e.value) == (f'cannot download {url} (invalid hash value (expected "{whole}", got '
-                            f'"{part}")); put the file at {path}, or set HF_ENDPOINT to a mirror')
-    # the config.json that did come is kept, no part of the weights
-    assert os.listdir(path.parent) == ["config.json"]
+    assert type(e.value) is kind
+    assert str(e.value) == message.format(endpoint=os.environ["HF_ENDPOINT"], tmp=tmp_path)
+    # no empty cache folders left behind; a config.json that did come is kept
+    assert files_under(tmp_path / "dit_cache") == kept
+    assert (tmp_path / "dit_cache").exists() == bool(kept)
+    # offline, or another endpoint: nothing asked of the local Hub
+    assert bool(http_server.log) == (os.environ["HF_ENDPOINT"] == http_server.url
+                                     and "HF_HUB_OFFLINE" not in os.environ)
 
 
 def test_vae_reuses_huggingface_cache_offline(http_server, tmp_path, monkeypatch):
