@@ -1267,12 +1267,10 @@ def test_fid_inception_rejects_bad_tensors(fid_inception, x, message):
         fid_inception(x)
 
 
-def test_fid_tf1_resize_identity_at_299():
+def test_fid_tf1_resize_hand_computed():
+    # 299x299 in, 299x299 out: the identity
     x = fid_images(1, 299, 3).float()
     assert torch.equal(fid.tf1_resize(x), x)
-
-
-def test_fid_tf1_resize_hand_computed():
     x = torch.tensor([[0.0, 30.0], [60.0, 90.0]]).view(1, 1, 2, 2)
     # sources 0, 2/3, 4/3; the last clamps to pixel 1 (no half-pixel offset, unlike
     # align_corners=False)
@@ -2236,24 +2234,20 @@ def test_dit_load_checkpoint_refuses_foreign_files(tmp_path, write, message):
 
 def test_dit_mismatched_checkpoint_error_names_both_models():
     with torch.device("meta"):
-        xl = dit.DiT_models["DiT-XL/2"]()
-        b = dit.DiT_models["DiT-B/2"]()
+        xl, b = dit.DiT_models["DiT-XL/2"](), dit.DiT_models["DiT-B/2"]()
+        pixel = dit.create_dit("DiT-S/4", input_size=32, in_channels=3, num_classes=10)
+        latent = dit.create_dit("DiT-S/4", input_size=32, num_classes=10)
     with pytest.raises(ValueError) as e:
         b.load_state_dict(xl.state_dict())
     msg = str(e.value)
     assert "depth 28, hidden 1152" in msg and "DiT-XL/2" in msg and "you built DiT-B/2" in msg
-
-
-def test_dit_mismatch_message_says_pixels_for_pixel_models():
-    with torch.device("meta"):
-        pixel = dit.create_dit("DiT-S/4", input_size=32, in_channels=3, num_classes=10)
-        latent = dit.create_dit("DiT-S/4", input_size=32, num_classes=10)
+    # pixel models say pixels
     with pytest.raises(ValueError) as e:
         latent.load_state_dict(pixel.state_dict())
-    message = str(e.value)
-    assert "checkpoint has DiT-S/4 (depth 12, hidden 384, patch 4) on 32x32 pixels" in message
+    msg = str(e.value)
+    assert "checkpoint has DiT-S/4 (depth 12, hidden 384, patch 4) on 32x32 pixels" in msg
     assert ("you built DiT-S/4 (depth 12, hidden 384, patch 4) on 32x32 latents (256x256 images"
-            in message)
+            in msg)
 
 
 def test_dit_find_model_downloads_official_names_once(http_server, tmp_path, monkeypatch):
@@ -2580,28 +2574,44 @@ def full_sd_checkpoint(sd, levels):
     return {"state_dict": full, "global_step": 3}
 
 
+# the weights files users have: (name in diffusers' folder layout, content from the state dict
+# and the number of levels)
+VAE_FORMATS = {
+    "diffusers": ("diffusion_pytorch_model.safetensors", lambda sd, levels: sd),
+    # the released sd-vae-ft-* files
+    "legacy": ("diffusion_pytorch_model.safetensors", lambda sd, levels: to_legacy(sd)),
+    "ldm": ("diffusion_pytorch_model.safetensors", to_ldm),
+    "bin": ("diffusion_pytorch_model.bin", lambda sd, levels: sd),
+    "sd_ckpt": ("diffusion_pytorch_model.bin", full_sd_checkpoint),
+}
+
+
 def write_format(m, fmt, directory):
-    """Save m's weights in one of the formats users have, in diffusers' directory layout; returns
-    the directory."""
-    sd, levels = m.state_dict(), len(m.config["block_out_channels"])
+    """Save m's weights in one of VAE_FORMATS, in diffusers' directory layout; returns the
+    directory."""
+    name, content = VAE_FORMATS[fmt]
     os.makedirs(directory, exist_ok=True)
     # tiny config: groups cannot be inferred
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(m.config, f)
-    st = os.path.join(directory, "diffusion_pytorch_model.safetensors")
-    pt = os.path.join(directory, "diffusion_pytorch_model.bin")
-    if fmt == "diffusers":
-        write_safetensors(sd, st)
-    elif fmt == "legacy":
-        # the released sd-vae-ft-* files
-        write_safetensors(to_legacy(sd), st)
-    elif fmt == "ldm":
-        write_safetensors(to_ldm(sd, levels), st)
-    elif fmt == "bin":
-        torch.save(sd, pt)
-    elif fmt == "sd_ckpt":
-        torch.save(full_sd_checkpoint(sd, levels), pt)
+    write = write_safetensors if name.endswith(".safetensors") else torch.save
+    write(content(m.state_dict(), len(m.config["block_out_channels"])), directory / name)
     return directory
+
+
+def vae_folder(folder, config=None, weights=None):
+    """tiny_vae() in diffusers' layout in folder (write_format); its config.json updated by the
+    dict config or replaced by the bytes config, its weights by weights(its state dict). Returns
+    folder."""
+    m = tiny_vae()
+    write_format(m, "diffusers", folder)
+    if isinstance(config, bytes):
+        (folder / "config.json").write_bytes(config)
+    elif config:
+        (folder / "config.json").write_text(json.dumps({**m.config, **config}))
+    if weights:
+        write_safetensors(weights(m.state_dict()), folder / "diffusion_pytorch_model.safetensors")
+    return folder
 
 
 def st_bytes(entries, data, header_extra=None):
@@ -2684,7 +2694,7 @@ def test_vae_key_names_and_formats_match_released_files(golden_vae):
         assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
-@pytest.mark.parametrize("fmt", ["diffusers", "legacy", "ldm", "bin", "sd_ckpt"])
+@pytest.mark.parametrize("fmt", VAE_FORMATS)
 def test_vae_loads_every_key_format_identically(tmp_path, fmt):
     m = tiny_vae()
     loaded = vae.load_vae(write_format(m, fmt, tmp_path / fmt))
@@ -2732,30 +2742,11 @@ def test_vae_config_scaling_shift_roundtrip(tmp_path):
     loaded = vae.load_vae(str(tmp_path / "flux"))
     # SD defaults when absent
     assert (loaded.scaling_factor, loaded.shift_factor) == (0.18215, 0.0)
-
-
-def test_vae_config_numbers_that_are_fine(tmp_path):
-    m = tiny_vae()
-    d = write_format(m, "diffusers", tmp_path / "v")
-    json.dump({**m.config, "scaling_factor": 1, "shift_factor": None}, open(d / "config.json", "w"))
-    loaded = vae.load_vae(str(d))
+    # numbers that are fine: an integer, and null for no shift
+    loaded = vae.load_vae(str(vae_folder(tmp_path / "v", {"scaling_factor": 1,
+                                                          "shift_factor": None})))
     assert (loaded.scaling_factor, loaded.shift_factor) == (1.0, 0.0)
-    assert_same_vae(m, loaded)
-
-
-def vae_folder(folder, config=None, weights=None):
-    """tiny_vae() in diffusers' layout in folder (write_format); its config.json updated by the
-    dict config or replaced by the bytes config, its weights by weights(its state dict). Returns
-    folder."""
-    m = tiny_vae()
-    write_format(m, "diffusers", folder)
-    if isinstance(config, bytes):
-        (folder / "config.json").write_bytes(config)
-    elif config:
-        (folder / "config.json").write_text(json.dumps({**m.config, **config}))
-    if weights:
-        write_safetensors(weights(m.state_dict()), folder / "diffusion_pytorch_model.safetensors")
-    return folder
+    assert_same_vae(tiny_vae(), loaded)
 
 
 def decoder_only(sd):
@@ -2877,7 +2868,7 @@ def test_vae_safetensors_corrupt_files_give_clear_errors(tmp_path, blob, match):
 
 
 def test_vae_truncated_download_says_download_again(tmp_path):
-    write_format(tiny_vae(), "diffusers", tmp_path / "cut")
+    vae_folder(tmp_path / "cut")
     w = tmp_path / "cut" / "diffusion_pytorch_model.safetensors"
     w.write_bytes(w.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated.*download again"):
@@ -3052,7 +3043,7 @@ def test_vae_posterior_draw_and_mode():
 
 
 def test_vae_cli_roundtrip_in_a_real_process(tmp_path):
-    write_format(tiny_vae(), "diffusers", tmp_path / "v")
+    vae_folder(tmp_path / "v")
     Image.new("RGB", (21, 18), (200, 30, 90)).save(tmp_path / "img.png")
     r = run_script("vae.py", tmp_path / "img.png", "--vae", tmp_path / "v")
     assert r.returncode == 0, r.stderr
@@ -3099,7 +3090,7 @@ def not_an_image(path, reason):
                  id="offline_hub"),
 ])
 def test_vae_cli_bad_input_is_one_line(tmp_path, monkeypatch, capsys, image, vae_arg, message):
-    write_format(tiny_vae(), "diffusers", tmp_path / "v")
+    vae_folder(tmp_path / "v")
     Image.new("RGB", (4, 4)).save(tmp_path / "img.png")
     Image.new("RGB", (1, 1)).save(tmp_path / "tiny.png")
     (tmp_path / "notes.png").write_text("not a picture")
@@ -3116,7 +3107,7 @@ def test_vae_cli_bad_input_is_one_line(tmp_path, monkeypatch, capsys, image, vae
 
 def test_vae_cli_error_in_a_real_process_is_one_line(tmp_path):
     Image.new("RGB", (1, 1)).save(tmp_path / "tiny.png")
-    write_format(tiny_vae(), "diffusers", tmp_path / "v")
+    vae_folder(tmp_path / "v")
     r = run_script("vae.py", tmp_path / "tiny.png", "--vae", tmp_path / "v")
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr == (f"vae.py: error: {tmp_path / 'tiny.png'} is 1x1, smaller than the VAE's "
