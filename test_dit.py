@@ -421,15 +421,18 @@ def test_sample_grid_matches_torchvision_save_image(n):
     assert np.array_equal(grid, sample_grid_reference(x.numpy()))
 
 
-SAMPLE_DDIM = ["--sampler", "ddim", "--cfg-all-channels", "--labels", "3", "999", "0", "5", "7"]
-
-
-@pytest.mark.parametrize("extra", [[], SAMPLE_DDIM], ids=["ddpm", "ddim-all-channels-5-labels"])
-def test_sample_matches_reference_built_from_the_other_files(sample_files, tmp_path, extra):
+# the flags, and what the official sample.py does for them: its labels, respacing, loop and guided
+# channels
+@pytest.mark.parametrize("extra, labels, spacing, loop, cfg_channels", [
+    pytest.param([], SAMPLE_LABELS, "4", "p_sample_loop", 3, id="ddpm"),
+    pytest.param(["--sampler", "ddim", "--cfg-all-channels", "--labels", "3", "999", "0", "5", "7"],
+                 [3, 999, 0, 5, 7], "ddim4", "ddim_sample_loop", None,
+                 id="ddim-all-channels-5-labels"),
+])
+def test_sample_matches_reference_built_from_the_other_files(sample_files, tmp_path, extra, labels,
+                                                            spacing, loop, cfg_channels):
     out = tmp_path / "grid.png"
     sample.main(sample_latent_args(sample_files, out, "--seed", "3", *extra))
-    ddim = bool(extra)
-    labels = [3, 999, 0, 5, 7] if ddim else SAMPLE_LABELS
     # The official sample.py, written with dit.py, diffusion.py and vae.py. Its VAE loader
     # (diffusers' from_pretrained) draws no random numbers, so loading ours before seeding is the
     # same program.
@@ -439,16 +442,15 @@ def test_sample_matches_reference_built_from_the_other_files(sample_files, tmp_p
     model = dit.DiT(input_size=16, num_classes=1000, **SAMPLE_TINY)
     model.load_state_dict(torch.load(sample_files["raw"], weights_only=True))
     model.eval()
-    d = create_diffusion("ddim4" if ddim else "4")
+    d = create_diffusion(spacing)
     z = torch.randn(len(labels), 4, 16, 16)
     y = torch.tensor(labels)
     z = torch.cat([z, z], 0)
     y = torch.cat([y, torch.tensor([1000] * len(labels))], 0)
-    kwargs = dict(y=y, cfg_scale=4.0, cfg_channels=None if ddim else 3)
-    loop = d.ddim_sample_loop if ddim else d.p_sample_loop
+    kwargs = dict(y=y, cfg_scale=4.0, cfg_channels=cfg_channels)
     with torch.no_grad():
-        x = loop(model.forward_with_cfg, z.shape, z, clip_denoised=False, model_kwargs=kwargs,
-                 device="cpu")
+        x = getattr(d, loop)(model.forward_with_cfg, z.shape, z, clip_denoised=False,
+                             model_kwargs=kwargs, device="cpu")
         x, _ = x.chunk(2, dim=0)
         images = v.decode(x / 0.18215).numpy()
     expected = sample_grid_reference(images)
@@ -2331,15 +2333,15 @@ def test_diffusion_respacing_matches_official(spacing):
     assert d.betas[-1].item() == pytest.approx(g["betas_last"], rel=1e-12)
 
 
-@pytest.mark.parametrize("key", ["ddpm:10", "ddim:ddim10"])
-def test_diffusion_sampling_loops_match_official(key):
+@pytest.mark.parametrize("key, loop", [("ddpm:10", "p_sample_loop"),
+                                       ("ddim:ddim10", "ddim_sample_loop")],
+                         ids=["ddpm:10", "ddim:ddim10"])
+def test_diffusion_sampling_loops_match_official(key, loop):
     g = GOLDEN["diffusion"]["sampling"][key]
-    sampler, spacing = key.split(":")
-    d = create_diffusion(spacing)
+    d = create_diffusion(key.split(":")[1])
     torch.manual_seed(g["torch_manual_seed"])
     z = torch.randn(*g["shape"])
-    loop = d.p_sample_loop if sampler == "ddpm" else d.ddim_sample_loop
-    x = loop(toy_model, z.shape, noise=z, clip_denoised=True, device="cpu")
+    x = getattr(d, loop)(toy_model, z.shape, noise=z, clip_denoised=True, device="cpu")
     assert_summary(x, g["final"])
 
 
