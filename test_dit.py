@@ -1738,15 +1738,8 @@ def test_fid_shared_helpers_are_the_same_text_in_every_copy(name):
 
 
 # download() and cache_dir() are the same text in fid.py, vae.py and dit.py (the test above):
-# their behaviour is tested here, on fid.py's copy
-
-def test_fid_empty_cache_variable_means_the_default(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("DIT_CACHE", "")
-    assert fid.cache_dir() == str(tmp_path / ".cache" / "dit")
-    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "c"))
-    assert fid.cache_dir() == str(tmp_path / "c")
-
+# their behaviour is tested here, on fid.py's copy (cache_dir(): by
+# test_fid_load_inception_downloads_into_cache_dir, DIT_CACHE empty, and by the tests that set it)
 
 def test_fid_download_renames_its_temp_file(http_server, tmp_path):
     data = b"weights" * 1000
