@@ -353,10 +353,10 @@ def compute_features(images, model, batch_size=50):
         for o, f in zip(out, model(x.to(device))):
             o[i:i + len(x)] = f.float().cpu().numpy()
         i += len(x)
-        progress("inception features", i, n, start)
+        print_progress("inception features", i, n, start)
     return tuple(out)
 
-def progress(what, done, total, start, unit=""):
+def print_progress(what, done, total, start, unit=""):
     """Print a status line to stderr: done/total, rate and ETA (h:mm:ss); a newline when done."""
     rate = done / max(time.time() - start, 1e-9)
     left = round((total - done) / rate) if rate > 0 else 0

@@ -1620,8 +1620,8 @@ def test_fid_compute_features_prints_progress(capfd):
 
 def test_fid_progress_line(monkeypatch, capsys):
     monkeypatch.setattr(fid.time, "time", lambda: 100.0)
-    fid.progress("sampling step", 12, 50, 100.0 - 12 / 3.1)
-    fid.progress("downloading x", 335.0, 335.0, 90.0, " MB")
+    fid.print_progress("sampling step", 12, 50, 100.0 - 12 / 3.1)
+    fid.print_progress("downloading x", 335.0, 335.0, 90.0, " MB")
     assert capsys.readouterr().err == ("\rsampling step 12/50, 3.10/s, ETA 0:00:12 "
                                        "\rdownloading x 335/335 MB, 33.50 MB/s, ETA 0:00:00 \n")
 
@@ -1823,10 +1823,10 @@ def test_fid_load_inception_downloads_into_cache_dir(fid_inception, fid_weights_
     assert torch.equal(model.fc.weight, fid_inception.fc.weight)
 
 
-@pytest.mark.parametrize("name", ["cache_dir", "download", "progress"])
+@pytest.mark.parametrize("name", ["cache_dir", "download", "print_progress"])
 def test_fid_shared_helpers_are_the_same_text_in_every_copy(name):
     # one way for each chore: every standalone file that needs one holds the same text
-    copies = {"cache_dir": (vae, dit), "download": (vae, dit), "progress": (diffusion,)}[name]
+    copies = {"cache_dir": (vae, dit), "download": (vae, dit), "print_progress": (diffusion,)}[name]
     for module in copies:
         assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(fid, name))
 
