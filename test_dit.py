@@ -20,6 +20,7 @@ import functools
 import hashlib
 import http.server
 import inspect
+import io
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import types
 
 import numpy as np
@@ -435,7 +437,7 @@ def check_download_leaves_no_trace_on_failure(module, case, http_server, tcp_ser
         assert path.read_bytes() == data and os.listdir(path.parent) == ["w.pth"]
         return
     reason = {"sha256": f'invalid hash value (expected "{"0" * 64}", got "{sha}")',
-              "404": "HTTP Error 404: Not Found", "not_http": SSH_BANNER.decode(),
+              "404": "HTTP Error 404: Not Found", "not_http": SSH_BANNER.decode().strip(),
               "no_server": REFUSED}[case]
     with pytest.raises(OSError) as e:
         module.download(url, str(path), "0" * 64, mirror="MIRROR")
@@ -458,26 +460,26 @@ def check_download_keeps_folders_it_did_not_make(module, tmp_path):
     assert os.listdir(tmp_path / "home" / "cache") == []
 
 
-STOPPED_TRANSFER_CASES = ["content_length_and_sha256", "chunked"]
+STOPPED_TRANSFER_CASES = ["content_length", "chunked"]
 
 
 def check_download_stopped_transfer(module, case, tcp_server, tmp_path):
-    # a server that promises 1000 bytes and sends 10: the sha256 refuses them; a chunked reply cut
-    # inside a chunk is an error of its own
-    reply = {"content_length_and_sha256": b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n",
+    # a server that promises 1000 bytes and sends 10: refused for its length before its sha256; a
+    # chunked reply cut inside a chunk is an error of its own; both are tried DOWNLOAD_TRIES times
+    reply = {"content_length": b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n",
              "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n"}[case]
     url = f"{tcp_server(reply + b'x' * 10)}/w"
     path = tmp_path / "c" / "w"
-    whole, part = (hashlib.sha256(b"x" * n).hexdigest() for n in (1000, 10))
+    whole = hashlib.sha256(b"x" * 1000).hexdigest()
     with pytest.raises(OSError) as e:
         module.download(url, str(path), whole if case != "chunked" else None)
+    tries = f"; {module.DOWNLOAD_TRIES} tries); put the file at {path}"
     if case == "chunked":
         # http.client's IncompleteRead; its counts vary with the Python version
-        head, tail = f"cannot download {url} (IncompleteRead(", f")); put the file at {path}"
-        assert str(e.value).startswith(head) and str(e.value).endswith(tail)
+        head = f"cannot download {url} (IncompleteRead("
+        assert str(e.value).startswith(head) and str(e.value).endswith(")" + tries)
     else:
-        reason = f'invalid hash value (expected "{whole}", got "{part}")'
-        assert str(e.value) == f"cannot download {url} ({reason}); put the file at {path}"
+        assert str(e.value) == f"cannot download {url} (cut short: 10 of 1,000 bytes{tries}"
     assert os.listdir(tmp_path) == []
 
 
@@ -1823,10 +1825,11 @@ def test_fid_load_inception_downloads_into_cache_dir(fid_inception, fid_weights_
     assert torch.equal(model.fc.weight, fid_inception.fc.weight)
 
 
-@pytest.mark.parametrize("name", ["cache_dir", "download", "print_progress"])
+@pytest.mark.parametrize("name", ["cache_dir", "download", "download_retry", "print_progress"])
 def test_fid_shared_helpers_are_the_same_text_in_every_copy(name):
     # one way for each chore: every standalone file that needs one holds the same text
-    copies = {"cache_dir": (vae, dit), "download": (vae, dit), "print_progress": (diffusion,)}[name]
+    copies = {"cache_dir": (vae, dit), "download": (vae, dit), "download_retry": (vae, dit),
+              "print_progress": (diffusion, dit, vae)}[name]
     for module in copies:
         assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(fid, name))
 
@@ -1845,7 +1848,7 @@ def test_fid_download_keeps_folders_it_did_not_make(tmp_path):
 
 
 @pytest.mark.parametrize("case", STOPPED_TRANSFER_CASES)
-def test_fid_download_stopped_transfer(case, tcp_server, tmp_path):
+def test_fid_download_stopped_transfer(case, tcp_server, tmp_path, fast_downloads):
     check_download_stopped_transfer(fid, case, tcp_server, tmp_path)
 
 
@@ -3142,8 +3145,10 @@ def test_vae_hub_download_checks_the_announced_sha256_and_caches(http_server, tm
                    f"HEAD {base}/diffusion_pytorch_model.safetensors",
                    f"GET {base}/diffusion_pytorch_model.safetensors",
                    "GET /cdn/stabilityai/sd-vae-ft-ema/blob"]
-    # torch.hub's progress bar (tqdm's, or its own), finished for config.json and the weights
-    assert capfd.readouterr().err.count("\r100") >= 2
+    # a progress line, finished, for config.json and the weights
+    err = capfd.readouterr().err
+    assert "\rdownloading config.json " in err and err.count(" \n") == 2
+    assert "\rdownloading diffusion_pytorch_model.safetensors " in err
     cached = tmp_path / "dit_cache" / "stabilityai--sd-vae-ft-ema" / "main"
     assert sorted(os.listdir(cached)) == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert (cached / "diffusion_pytorch_model.safetensors").read_bytes() == body
@@ -3251,18 +3256,19 @@ def test_vae_hub_errors_say_what_to_do(http_server, tcp_server, tmp_path, monkey
         assert log == []
 
 
-def test_vae_hub_interrupted_download_keeps_nothing(http_server, tmp_path):
+def test_vae_hub_interrupted_download_keeps_nothing(http_server, tmp_path, fast_downloads):
     routes = http_server.routes
     body = publish(routes, "org/vae", tiny_vae(), tmp_path)
-    # the CDN promises the whole file and sends 10 bytes: the announced sha256 refuses them
+    # the CDN promises the whole file and sends 10 bytes: refused, tried DOWNLOAD_TRIES times
     routes["/cdn/org/vae/blob"] = (200, {"Content-Length": str(len(body))}, body[:10])
     url = f"{http_server.url}/org/vae/resolve/main/diffusion_pytorch_model.safetensors"
     path = tmp_path / "dit_cache" / "org--vae" / "main" / "diffusion_pytorch_model.safetensors"
     with pytest.raises(OSError) as e:
         vae.load_vae("org/vae")
-    whole, part = hashlib.sha256(body).hexdigest(), hashlib.sha256(body[:10]).hexdigest()
-    assert str(e.value) == (f'cannot download {url} (invalid hash value (expected "{whole}", got '
-                            f'"{part}")); put the file at {path}, or set HF_ENDPOINT to a mirror')
+    assert str(e.value) == (f"cannot download {url} (cut short: 10 of {len(body):,} bytes; "
+                            f"{vae.DOWNLOAD_TRIES} tries); put the file at {path}, or set "
+                            "HF_ENDPOINT to a mirror")
+    assert http_server.log.count("GET /cdn/org/vae/blob") == vae.DOWNLOAD_TRIES
     # the config.json that did come is kept, no part of the weights
     assert os.listdir(path.parent) == ["config.json"]
 
@@ -3308,7 +3314,7 @@ def test_vae_download_keeps_folders_it_did_not_make(tmp_path):
 
 
 @pytest.mark.parametrize("case", STOPPED_TRANSFER_CASES)
-def test_vae_download_stopped_transfer(case, tcp_server, tmp_path):
+def test_vae_download_stopped_transfer(case, tcp_server, tmp_path, fast_downloads):
     check_download_stopped_transfer(vae, case, tcp_server, tmp_path)
 
 #################################################################################
@@ -3346,3 +3352,314 @@ def test_gpu_check_smoke_runs_every_path(tmp_path):
     assert checks["torchrun train.py, 2 process(es)"]["status"] == "pass"
     assert checks["train.py stop + --resume"]["value"] == 0
     assert "| check | status | value | note |" in run.stdout
+
+#################################################################################
+#                      Faults: downloads and hostile files                      #
+#################################################################################
+
+def http_reply(body=b"", status="200 OK", **headers):
+    """The raw bytes of an HTTP/1.0 reply; Content-Length is the body's unless given."""
+    headers = {"Content-Length": str(len(body)),
+               **{k.replace("_", "-"): v for k, v in headers.items()}}
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return f"HTTP/1.0 {status}\r\n{head}\r\n".encode() + body
+
+
+@pytest.fixture
+def fast_downloads(monkeypatch):
+    """The download timeout and retry waits of dit.py, vae.py and fid.py made short: 2 tries."""
+    for module in (dit, vae, fid):
+        monkeypatch.setattr(module, "DOWNLOAD_TIMEOUT", 0.3)
+        monkeypatch.setattr(module, "DOWNLOAD_TRIES", 2)
+        monkeypatch.setattr(module, "DOWNLOAD_BACKOFF", 0.01)
+
+
+@pytest.fixture
+def fault_server(tmp_path, monkeypatch, fast_downloads):
+    """A misbehaving HTTP server on 127.0.0.1: replies maps "METHOD /path" to the raw bytes sent
+    back (then it closes the connection), to None (it reads the request and never answers), to
+    (bytes, None) (it sends them, then nothing more), or to a list of these, one per request in
+    turn (the last one repeats); anything else is a 404. log
+    records "METHOD /path"; url is the base URL. DIT_CACHE and HF_HUB_CACHE point into tmp_path,
+    HF_ENDPOINT at the server; the download timeouts are short (fast_downloads)."""
+    server = types.SimpleNamespace(replies={}, log=[])
+    stop = threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    server.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    def answer(conn):
+        with conn:
+            key = " ".join(conn.recv(65536).decode("latin-1").split(" ")[:2])
+            server.log.append(key)
+            reply = server.replies.get(key, http_reply(b"Entry not found", "404 Not Found"))
+            if isinstance(reply, list):
+                reply = reply.pop(0) if len(reply) > 1 else reply[0]
+            if isinstance(reply, tuple):
+                conn.sendall(reply[0])
+            if not isinstance(reply, bytes):
+                stop.wait()
+            else:
+                conn.sendall(reply)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    for k in ("HF_HUB_OFFLINE", "HF_HOME"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NO_PROXY", "*")
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_hub"))
+    yield server
+    stop.set()
+    listener.close()
+
+
+HTML_PAGE = b"<!DOCTYPE html>\n<html><body>Sign in to continue</body></html>\n"
+
+
+def dit_official(server, monkeypatch, tmp_path):
+    """DIT_WEIGHTS_URL at server/DiT: (the URL of DiT-XL-2-256x256.pt, its path in the cache)."""
+    monkeypatch.setenv("DIT_WEIGHTS_URL", server.url + "/DiT")
+    return f"{server.url}/DiT/DiT-XL-2-256x256.pt", tmp_path / "cache" / "DiT-XL-2-256x256.pt"
+
+
+def test_dit_download_stalled_server_times_out(fault_server, tmp_path, monkeypatch):
+    # accepts the connection, reads the request, never answers
+    url, path = dit_official(fault_server, monkeypatch, tmp_path)
+    fault_server.replies["GET /DiT/DiT-XL-2-256x256.pt"] = None
+    start = time.time()
+    with pytest.raises(OSError) as e:
+        dit.find_model("DiT-XL-2-256x256.pt")
+    assert time.time() - start < 2
+    assert str(e.value) == (f"cannot download {url} (no answer for 0.3 s; 2 tries); put the file "
+                            f"at {path}, or set DIT_WEIGHTS_URL to a mirror")
+    assert fault_server.log == ["GET /DiT/DiT-XL-2-256x256.pt"] * 2
+    # no cache folder, no .partial file
+    assert not (tmp_path / "cache").exists()
+
+
+def test_dit_download_stalled_mid_transfer_times_out(fault_server, tmp_path, monkeypatch):
+    # the headers and 100 of the 1000 bytes come, then nothing: the read times out as well
+    url, path = dit_official(fault_server, monkeypatch, tmp_path)
+    (tmp_path / "cache").mkdir()
+    stalls = (http_reply(b"PK" + bytes(98), Content_Length="1000"), None)
+    fault_server.replies["GET /DiT/DiT-XL-2-256x256.pt"] = stalls
+    with pytest.raises(OSError) as e:
+        dit.find_model("DiT-XL-2-256x256.pt")
+    assert str(e.value) == (f"cannot download {url} (no answer for 0.3 s; 2 tries); put the file "
+                            f"at {path}, or set DIT_WEIGHTS_URL to a mirror")
+    # the cache folder was there: it stays, empty
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_fid_download_stalled_server_times_out(fault_server, tmp_path, monkeypatch):
+    url = f"{fault_server.url}/pt_inception-2015-12-05-6726825d.pth"
+    monkeypatch.setenv("DIT_INCEPTION_URL", url)
+    fault_server.replies["GET /pt_inception-2015-12-05-6726825d.pth"] = None
+    start = time.time()
+    with pytest.raises(OSError) as e:
+        fid.load_inception()
+    assert time.time() - start < 2
+    path = tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth"
+    assert str(e.value) == (f"cannot download {url} (no answer for 0.3 s; 2 tries); put the file "
+                            f"at {path}, or set DIT_INCEPTION_URL to a mirror, or pass its path "
+                            "(fid.py --inception PATH)")
+    assert not (tmp_path / "cache").exists()
+
+
+VAE_CONFIG = "/org/vae/resolve/main/config.json"
+
+
+def test_vae_download_stalled_head_times_out(fault_server, tmp_path):
+    fault_server.replies[f"HEAD {VAE_CONFIG}"] = None
+    start = time.time()
+    with pytest.raises(OSError) as e:
+        vae.load_vae("org/vae")
+    assert time.time() - start < 2
+    assert str(e.value) == (f"cannot reach {fault_server.url}{VAE_CONFIG} (no answer for 0.3 s; 2 "
+                            f"tries); {advice(tmp_path, 'org/vae').replace('dit_cache', 'cache')}")
+    assert fault_server.log == [f"HEAD {VAE_CONFIG}"] * 2
+
+
+def test_vae_download_stalled_get_times_out(fault_server, tmp_path):
+    # the HEAD answers (the one request that had a timeout before), the GET never does
+    fault_server.replies[f"HEAD {VAE_CONFIG}"] = http_reply(Content_Length="500")
+    fault_server.replies[f"GET {VAE_CONFIG}"] = None
+    start = time.time()
+    with pytest.raises(OSError) as e:
+        vae.load_vae("org/vae")
+    assert time.time() - start < 2
+    path = tmp_path / "cache" / "org--vae" / "main" / "config.json"
+    assert str(e.value) == (f"cannot download {fault_server.url}{VAE_CONFIG} (no answer for 0.3 s; "
+                            f"2 tries); put the file at {path}, or set HF_ENDPOINT to a mirror")
+    assert fault_server.log == [f"HEAD {VAE_CONFIG}", f"GET {VAE_CONFIG}", f"GET {VAE_CONFIG}"]
+    # no config.json.<pid>.partial, no empty cache folders
+    assert not (tmp_path / "cache").exists()
+
+
+def test_vae_cli_stalled_hub_is_one_line(fault_server, tmp_path, monkeypatch, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    fault_server.replies[f"HEAD {VAE_CONFIG}"] = None
+    code, out, err = run_cli(vae, monkeypatch, capsys, tmp_path / "img.png", "--vae", "org/vae")
+    assert code.startswith(f"vae.py: error: cannot reach {fault_server.url}{VAE_CONFIG} (no "
+                           "answer for 0.3 s; 2 tries); put its config.json")
+    assert "\n" not in code and out == ""
+    # what the user saw while waiting: one line per try that is tried again
+    assert err == f"{fault_server.url}{VAE_CONFIG}: no answer for 0.3 s; trying again in 0.01 s\n"
+
+
+def dit_checkpoint_bytes():
+    """A tiny DiT's state dict as torch.save writes it: the bytes and the state dict."""
+    sd = tiny_dit().state_dict()
+    buffer = io.BytesIO()
+    torch.save(sd, buffer)
+    return buffer.getvalue(), sd
+
+
+def test_dit_download_cut_short_is_not_cached(fault_server, tmp_path, monkeypatch):
+    # Content-Length promises the whole checkpoint, the server closes after 100 bytes
+    url, path = dit_official(fault_server, monkeypatch, tmp_path)
+    body, sd = dit_checkpoint_bytes()
+    cut = http_reply(body[:100], Content_Length=str(len(body)))
+    fault_server.replies["GET /DiT/DiT-XL-2-256x256.pt"] = [cut, cut, http_reply(body)]
+    with pytest.raises(OSError) as e:
+        dit.find_model("DiT-XL-2-256x256.pt")
+    assert str(e.value) == (f"cannot download {url} (cut short: 100 of {len(body):,} bytes; 2 "
+                            f"tries); put the file at {path}, or set DIT_WEIGHTS_URL to a mirror")
+    assert not (tmp_path / "cache").exists()
+    # the mirror mended: the next run downloads the whole file (nothing wrong was cached)
+    got = dit.find_model("DiT-XL-2-256x256.pt")
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    assert path.read_bytes() == body and os.listdir(path.parent) == [path.name]
+    assert len(fault_server.log) == 3
+
+
+def test_dit_download_cut_once_is_tried_again(fault_server, tmp_path, monkeypatch, capsys):
+    url, path = dit_official(fault_server, monkeypatch, tmp_path)
+    body, sd = dit_checkpoint_bytes()
+    cut = http_reply(body[:100], Content_Length=str(len(body)))
+    fault_server.replies["GET /DiT/DiT-XL-2-256x256.pt"] = [cut, http_reply(body)]
+    got = dit.find_model("DiT-XL-2-256x256.pt")
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    assert len(fault_server.log) == 2
+    err = capsys.readouterr().err
+    assert f"{url}: cut short: 100 of {len(body):,} bytes; trying again in 0.01 s\n" in err
+
+
+@pytest.mark.parametrize("case", ["content_type", "body", "upper_case_body", "empty"])
+def test_dit_download_html_page_is_not_cached(fault_server, tmp_path, monkeypatch, case):
+    # a mirror's login or error page, sent with a 200: never cached, never tried again
+    url, path = dit_official(fault_server, monkeypatch, tmp_path)
+    page = {"content_type": http_reply(b"PK page", Content_Type="text/html; charset=utf-8"),
+            "body": http_reply(b"\n  " + HTML_PAGE, Content_Type="application/octet-stream"),
+            "upper_case_body": http_reply(b"<HTML><BODY>503</BODY></HTML>"),
+            "empty": http_reply(b"")}[case]
+    fault_server.replies["GET /DiT/DiT-XL-2-256x256.pt"] = page
+    with pytest.raises(OSError) as e:
+        dit.find_model("DiT-XL-2-256x256.pt")
+    why = "an empty file" if case == "empty" else "an HTML page, not the file"
+    assert str(e.value) == (f"cannot download {url} ({why}); put the file at {path}, or set "
+                            "DIT_WEIGHTS_URL to a mirror")
+    assert len(fault_server.log) == 1
+    assert not (tmp_path / "cache").exists()
+
+
+def test_vae_download_html_page_is_not_cached(http_server, tmp_path):
+    m = tiny_vae()
+    publish(http_server.routes, "org/vae", m, tmp_path)
+    good = http_server.routes[VAE_CONFIG]
+    http_server.routes[VAE_CONFIG] = (200, {"Content-Type": "text/html"}, HTML_PAGE)
+    path = tmp_path / "dit_cache" / "org--vae" / "main" / "config.json"
+    with pytest.raises(OSError) as e:
+        vae.load_vae("org/vae")
+    assert str(e.value) == (f"cannot download {http_server.url}{VAE_CONFIG} (an HTML page, not the "
+                            f"file); put the file at {path}, or set HF_ENDPOINT to a mirror")
+    assert not (tmp_path / "dit_cache").exists()
+    # the mirror mended: the next run works
+    http_server.routes[VAE_CONFIG] = good
+    assert_same_vae(m, vae.load_vae("org/vae"))
+
+
+def test_fid_download_wrong_sha256_is_not_retried(fault_server, tmp_path, monkeypatch):
+    # the right length, another file: refused by its sha256, at once (another try gets the same)
+    url = f"{fault_server.url}/w.pth"
+    monkeypatch.setenv("DIT_INCEPTION_URL", url)
+    fault_server.replies["GET /w.pth"] = http_reply(b"x" * 1000)
+    with pytest.raises(OSError) as e:
+        fid.load_inception()
+    got = hashlib.sha256(b"x" * 1000).hexdigest()
+    assert str(e.value).startswith(f'cannot download {url} (invalid hash value (expected '
+                                   f'"{fid.WEIGHTS_SHA256}", got "{got}")); put the file at ')
+    assert fault_server.log == ["GET /w.pth"]
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("status, tries", [("503 Service Unavailable", 2), ("500 Oops", 2),
+                                           ("429 Too Many Requests", 2), ("404 Not Found", 1),
+                                           ("403 Forbidden", 1)])
+def test_dit_download_retries_only_what_may_pass(fault_server, tmp_path, monkeypatch, status,
+                                                 tries):
+    # a busy or failing server may answer the next try; a missing or forbidden file will not
+    url, path = dit_official(fault_server, monkeypatch, tmp_path)
+    body, sd = dit_checkpoint_bytes()
+    fault_server.replies["GET /DiT/DiT-XL-2-256x256.pt"] = [http_reply(b"no", status),
+                                                          http_reply(body)]
+    if tries == 2:
+        got = dit.find_model("DiT-XL-2-256x256.pt")
+        assert all(torch.equal(got[k], v) for k, v in sd.items())
+    else:
+        with pytest.raises(OSError) as e:
+            dit.find_model("DiT-XL-2-256x256.pt")
+        assert str(e.value) == (f"cannot download {url} (HTTP Error {status.replace(' ', ': ', 1)})"
+                                f"; put the file at {path}, or set DIT_WEIGHTS_URL to a mirror")
+    assert len(fault_server.log) == tries
+
+
+def test_vae_download_busy_hub_is_tried_again(fault_server, tmp_path):
+    # a 503 on the HEAD, then the answer
+    fault_server.replies[f"HEAD {VAE_CONFIG}"] = [http_reply(b"", "503 Busy"), http_reply()]
+    fault_server.replies[f"GET {VAE_CONFIG}"] = http_reply(b'{"_class_name": "AutoencoderKL"}')
+    # config.json comes; there are no weights
+    with pytest.raises(FileNotFoundError, match="org/vae has no diffusion_pytorch_model"):
+        vae.load_vae("org/vae")
+    assert fault_server.log[:3] == [f"HEAD {VAE_CONFIG}"] * 2 + [f"GET {VAE_CONFIG}"]
+
+
+def test_dit_download_leaves_no_partial_file_on_interrupt(fault_server, tmp_path, monkeypatch):
+    # Ctrl-C in the middle of a transfer: the temp file goes too
+    url, path = dit_official(fault_server, monkeypatch, tmp_path)
+    body, _ = dit_checkpoint_bytes()
+    fault_server.replies["GET /DiT/DiT-XL-2-256x256.pt"] = http_reply(body)
+    writes = []
+
+    def interrupt(*args):
+        writes.append(os.listdir(path.parent))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dit, "print_progress", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        dit.find_model("DiT-XL-2-256x256.pt")
+    assert writes == [[f"{path.name}.{os.getpid()}.partial"]]
+    assert os.listdir(path.parent) == []
+
+
+def test_dit_corrupt_cached_checkpoint_says_delete_it(tmp_path, monkeypatch):
+    # an HTML page cached as the official checkpoint (by an older version): the way out is named
+    monkeypatch.setenv("DIT_CACHE", str(tmp_path))
+    (tmp_path / "DiT-XL-2-256x256.pt").write_bytes(HTML_PAGE)
+    with pytest.raises(ValueError) as e:
+        dit.find_model("DiT-XL-2-256x256.pt")
+    head = (f"{tmp_path / 'DiT-XL-2-256x256.pt'} is not a readable checkpoint: empty, truncated "
+            "or not a PyTorch file (")
+    assert str(e.value).startswith(head)
+    assert str(e.value).endswith("); delete it to download it again")
