@@ -3653,6 +3653,72 @@ def test_dit_download_leaves_no_partial_file_on_interrupt(fault_server, tmp_path
     assert os.listdir(path.parent) == []
 
 
+F32_1 = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+HOSTILE_SAFETENSORS = {
+    # zero elements, yet a shape torch cannot hold
+    "zero_size_overflowing_shape": st_bytes({"w": {**F32_1, "shape": [2 ** 64, 0],
+                                                   "data_offsets": [0, 0]}}, b""),
+    "zero_size_overflowing_strides": st_bytes({"w": {**F32_1, "shape": [2 ** 62, 4, 0],
+                                                     "data_offsets": [0, 0]}}, b""),
+    "nested_arrays": struct.pack("<Q", 100_000) + b"[" * 100_000,
+    "nested_objects": struct.pack("<Q", 500_000) + b'{"a":' * 100_000,
+    "negative_offset": st_bytes({"w": {**F32_1, "data_offsets": [-4, 0]}}, bytes(4)),
+    "overflowing_offsets": st_bytes({"w": {**F32_1, "data_offsets": [2 ** 64, 2 ** 64 + 4]}},
+                                    bytes(4)),
+    "list_header": struct.pack("<Q", 2) + b"[]",
+    "huge_header_length": struct.pack("<Q", 2 ** 64 - 1) + b"{}",
+    "unhashable_dtype": st_bytes({"w": {**F32_1, "dtype": ["F32"]}}, bytes(4)),
+    "huge_number": struct.pack("<Q", 5011) + b'{"w": ' + b"9" * 5000 + b"}",
+    "not_utf8": struct.pack("<Q", 4) + b'{"\xff"',
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_SAFETENSORS))
+def test_vae_hostile_safetensors_is_one_line(tmp_path, monkeypatch, capsys, case):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(HOSTILE_SAFETENSORS[case])
+    with pytest.raises(ValueError) as e:
+        vae.load_safetensors(str(path))
+    message = str(e.value)
+    assert message.startswith(f"{path}: ") and message.endswith("; delete it and download again")
+    assert "\n" not in message and len(message) < 500
+    # the CLI: that line, no traceback
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    code, out, err = run_cli(vae, monkeypatch, capsys, tmp_path / "img.png", "--vae", path)
+    assert (code, out, err) == (f"vae.py: error: {message}", "", "")
+
+
+@pytest.mark.parametrize("case", ["nested", "millions_of_layers", "thousands_of_levels",
+                                  "no_levels", "zero_groups"])
+def test_vae_hostile_config_is_one_line(tmp_path, case):
+    folder = tmp_path / "v"
+    tiny_vae(save_to=folder)
+    config = json.loads((folder / "config.json").read_text())
+    if case == "nested":
+        (folder / "config.json").write_text("[" * 100_000)
+    else:
+        config.update({"millions_of_layers": {"layers_per_block": 3_000_000},
+                       "thousands_of_levels": {"block_out_channels": [8] * 100_000},
+                       "no_levels": {"block_out_channels": []},
+                       "zero_groups": {"norm_num_groups": 0}}[case])
+        (folder / "config.json").write_text(json.dumps(config))
+    start = time.time()
+    with pytest.raises(ValueError) as e:
+        vae.load_vae(str(folder))
+    # at once: not after building millions of layers
+    assert time.time() - start < 2
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    head = f"{weights} does not fit the VAE of {folder / 'config.json'}: "
+    why = {"nested": f"{folder / 'config.json'} is not valid JSON (maximum recursion depth "
+                     "exceeded while decoding a JSON array from a unicode string); restore the "
+                     "VAE's config.json",
+           "millions_of_layers": head + "its 6000000 layers are more than the 120 tensors",
+           "thousands_of_levels": head + "its 100000 layers are more than the 120 tensors",
+           "no_levels": head + "list index out of range",
+           "zero_groups": head + "integer modulo by zero"}[case]
+    assert str(e.value) == why
+
+
 def test_dit_corrupt_cached_checkpoint_says_delete_it(tmp_path, monkeypatch):
     # an HTML page cached as the official checkpoint (by an older version): the way out is named
     monkeypatch.setenv("DIT_CACHE", str(tmp_path))

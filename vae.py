@@ -261,7 +261,8 @@ def read_config(path):
     """The AutoencoderKL arguments in a diffusers config.json, checked."""
     try:
         cfg = json.loads(pathlib.Path(path).read_bytes())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
+        # RecursionError: thousands of nested [ or {
         raise ValueError(f"{path} is not valid JSON ({e}); restore the VAE's config.json") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} is not a JSON object; restore the VAE's config.json")
@@ -312,11 +313,15 @@ def load_vae(name_or_path="stabilityai/sd-vae-ft-ema", device="cpu", dtype=torch
         raise ValueError(f"{weights} holds no VAE weights (keys like {keys}); pass an SD VAE")
     cfg = read_config(config) if config else infer_config(sd, weights)
     try:
+        # a config of millions of layers would take hours to build, and every layer has weights
+        layers = len(cfg.get("block_out_channels", [0] * 4)) * cfg.get("layers_per_block", 2)
+        if layers > len(sd):
+            raise ValueError(f"its {layers} layers are more than the {len(sd)} tensors")
         # no random init (it would use up the global RNG); strict: every key, every shape
         with torch.device("meta"):
             vae = AutoencoderKL(**cfg)
         vae.load_state_dict(sd, assign=True)
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (TypeError, ValueError, RuntimeError, ArithmeticError, LookupError) as e:
         # torch names every key (a line per kind or per shape): the first three
         why = "; ".join(line.strip()[:300] for line in str(e).split("\n\t")[1:4]) or str(e)
         raise ValueError(f"{weights} does not fit the VAE of {config or 'its weight shapes'}: "
@@ -348,7 +353,8 @@ def load_safetensors(path):
     fix = "delete it and download again"
     try:
         header = json.loads(blob[8:8 + n]) if 8 + n <= len(blob) else None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
+        # RecursionError: a header of thousands of nested [ or {
         raise ValueError(f"{path}: corrupt safetensors header ({e}); {fix}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: truncated or not a safetensors file; {fix}")
@@ -360,10 +366,16 @@ def load_safetensors(path):
         # whole numbers >= 0 (in JSON, 1.5 is a float and true a bool)
         whole = all(isinstance(v, list) and all(type(i) is int and i >= 0 for i in v)
                     for v in (shape, offsets))
-        if not whole or len(offsets) != 2 or e.get("dtype") not in ST_DTYPES:
+        dtype = e.get("dtype") if isinstance(e, dict) else None
+        if not whole or len(offsets) != 2 or not isinstance(dtype, str) or dtype not in ST_DTYPES:
             raise ValueError(f"{path}: corrupt safetensors header: tensor {name} is "
-                             f"{json.dumps(e)}, not a known dtype, a shape and two offsets; {fix}")
-        tensors.append((offsets, name, ST_DTYPES[e["dtype"]], shape))
+                             f"{json.dumps(e)[:200]}, not a known dtype, a shape and two offsets; "
+                             f"{fix}")
+        # torch takes sizes and strides below 2**63, even for a tensor of no elements
+        if math.prod(max(d, 1) for d in shape) >= 2 ** 63:
+            raise ValueError(f"{path}: corrupt safetensors header: tensor {name} has shape "
+                             f"{str(shape)[:100]}, larger than any tensor; {fix}")
+        tensors.append((offsets, name, ST_DTYPES[dtype], shape))
     size = len(blob) - 8 - n
     sd = {}
     pos = 0
