@@ -360,8 +360,13 @@ def _npz_batches(path, batch_size):
                          "images (N, H, W, 3) as arr_0: np.savez(path, images)") from None
     except Exception as e:
         raise ValueError(NPZ_ERROR.format(path, e)) from None
-    if dtype != np.uint8 or fortran or len(shape) != 4 or shape[-1] != 3:
+    if dtype != np.uint8 or fortran or len(shape) != 4 or shape[-1] != 3 or 0 in shape[1:3]:
         raise ValueError(f"{path}: arr_0 is {dtype} {shape}; expected C-ordered uint8 (N, H, W, 3)")
+    # a header that claims more images than the file holds (hostile, or not arr_0's own)
+    held = z.getinfo("arr_0.npy").file_size - f.tell()
+    if min(shape) < 0 or shape[0] * shape[1] * shape[2] * 3 > held:
+        raise ValueError(f"{path}: arr_0 claims {shape} but holds {held:,} bytes: corrupt; write "
+                         "or download it again")
     def batches():
         """The images, batch_size at a time, read from the zip as they are needed."""
         with z, f:

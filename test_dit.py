@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import types
+import zipfile
 
 import numpy as np
 from PIL import Image
@@ -3729,3 +3730,26 @@ def test_dit_corrupt_cached_checkpoint_says_delete_it(tmp_path, monkeypatch):
             "or not a PyTorch file (")
     assert str(e.value).startswith(head)
     assert str(e.value).endswith("); delete it to download it again")
+
+
+def npz_claiming(path, shape, data=b""):
+    """An .npz whose arr_0 header claims shape (uint8) over the bytes data, written by hand."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": shape})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("arr_0.npy", header.getvalue() + data)
+    return path
+
+
+@pytest.mark.parametrize("case", ["huge_count", "negative_count", "no_pixels"])
+def test_fid_hostile_npz_is_one_line(tmp_path, monkeypatch, capsys, case):
+    shape = {"huge_count": (2 ** 62, 2, 2, 3), "negative_count": (-5, 2, 2, 3),
+             "no_pixels": (5, 0, 0, 3)}[case]
+    path = npz_claiming(tmp_path / "ref.npz", shape, bytes(24 if case != "no_pixels" else 0))
+    np.savez(tmp_path / "samples.npz", np.zeros((5, 8, 8, 3), np.uint8))
+    code, out, err = run_cli(fid, monkeypatch, capsys, path, tmp_path / "samples.npz")
+    why = (f"arr_0 claims {shape} but holds 24 bytes: corrupt; write or download it again"
+           if case != "no_pixels" else
+           "arr_0 is uint8 (5, 0, 0, 3); expected C-ordered uint8 (N, H, W, 3)")
+    assert (code, out, err) == (f"fid.py: error: {path}: {why}", "", "")
