@@ -3370,7 +3370,7 @@ def http_reply(body=b"", status="200 OK", **headers):
 def fast_downloads(monkeypatch):
     """The download timeout and retry waits of dit.py, vae.py and fid.py made short: 2 tries."""
     for module in (dit, vae, fid):
-        monkeypatch.setattr(module, "DOWNLOAD_TIMEOUT", 0.3)
+        monkeypatch.setattr(module, "DOWNLOAD_TIMEOUT", 0.5)
         monkeypatch.setattr(module, "DOWNLOAD_TRIES", 2)
         monkeypatch.setattr(module, "DOWNLOAD_BACKOFF", 0.01)
 
@@ -3442,7 +3442,7 @@ def test_dit_download_stalled_server_times_out(fault_server, tmp_path, monkeypat
     with pytest.raises(OSError) as e:
         dit.find_model("DiT-XL-2-256x256.pt")
     assert time.time() - start < 2
-    assert str(e.value) == (f"cannot download {url} (no answer for 0.3 s; 2 tries); put the file "
+    assert str(e.value) == (f"cannot download {url} (no answer for 0.5 s; 2 tries); put the file "
                             f"at {path}, or set DIT_WEIGHTS_URL to a mirror")
     assert fault_server.log == ["GET /DiT/DiT-XL-2-256x256.pt"] * 2
     # no cache folder, no .partial file
@@ -3457,7 +3457,7 @@ def test_dit_download_stalled_mid_transfer_times_out(fault_server, tmp_path, mon
     fault_server.replies["GET /DiT/DiT-XL-2-256x256.pt"] = stalls
     with pytest.raises(OSError) as e:
         dit.find_model("DiT-XL-2-256x256.pt")
-    assert str(e.value) == (f"cannot download {url} (no answer for 0.3 s; 2 tries); put the file "
+    assert str(e.value) == (f"cannot download {url} (no answer for 0.5 s; 2 tries); put the file "
                             f"at {path}, or set DIT_WEIGHTS_URL to a mirror")
     # the cache folder was there: it stays, empty
     assert os.listdir(tmp_path / "cache") == []
@@ -3472,7 +3472,7 @@ def test_fid_download_stalled_server_times_out(fault_server, tmp_path, monkeypat
         fid.load_inception()
     assert time.time() - start < 2
     path = tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth"
-    assert str(e.value) == (f"cannot download {url} (no answer for 0.3 s; 2 tries); put the file "
+    assert str(e.value) == (f"cannot download {url} (no answer for 0.5 s; 2 tries); put the file "
                             f"at {path}, or set DIT_INCEPTION_URL to a mirror, or pass its path "
                             "(fid.py --inception PATH)")
     assert not (tmp_path / "cache").exists()
@@ -3487,7 +3487,7 @@ def test_vae_download_stalled_head_times_out(fault_server, tmp_path):
     with pytest.raises(OSError) as e:
         vae.load_vae("org/vae")
     assert time.time() - start < 2
-    assert str(e.value) == (f"cannot reach {fault_server.url}{VAE_CONFIG} (no answer for 0.3 s; 2 "
+    assert str(e.value) == (f"cannot reach {fault_server.url}{VAE_CONFIG} (no answer for 0.5 s; 2 "
                             f"tries); {advice(tmp_path, 'org/vae').replace('dit_cache', 'cache')}")
     assert fault_server.log == [f"HEAD {VAE_CONFIG}"] * 2
 
@@ -3501,7 +3501,7 @@ def test_vae_download_stalled_get_times_out(fault_server, tmp_path):
         vae.load_vae("org/vae")
     assert time.time() - start < 2
     path = tmp_path / "cache" / "org--vae" / "main" / "config.json"
-    assert str(e.value) == (f"cannot download {fault_server.url}{VAE_CONFIG} (no answer for 0.3 s; "
+    assert str(e.value) == (f"cannot download {fault_server.url}{VAE_CONFIG} (no answer for 0.5 s; "
                             f"2 tries); put the file at {path}, or set HF_ENDPOINT to a mirror")
     assert fault_server.log == [f"HEAD {VAE_CONFIG}", f"GET {VAE_CONFIG}", f"GET {VAE_CONFIG}"]
     # no config.json.<pid>.partial, no empty cache folders
@@ -3513,10 +3513,10 @@ def test_vae_cli_stalled_hub_is_one_line(fault_server, tmp_path, monkeypatch, ca
     fault_server.replies[f"HEAD {VAE_CONFIG}"] = None
     code, out, err = run_cli(vae, monkeypatch, capsys, tmp_path / "img.png", "--vae", "org/vae")
     assert code.startswith(f"vae.py: error: cannot reach {fault_server.url}{VAE_CONFIG} (no "
-                           "answer for 0.3 s; 2 tries); put its config.json")
+                           "answer for 0.5 s; 2 tries); put its config.json")
     assert "\n" not in code and out == ""
     # what the user saw while waiting: one line per try that is tried again
-    assert err == f"{fault_server.url}{VAE_CONFIG}: no answer for 0.3 s; trying again in 0.01 s\n"
+    assert err == f"{fault_server.url}{VAE_CONFIG}: no answer for 0.5 s; trying again in 0.01 s\n"
 
 
 def dit_checkpoint_bytes():
