@@ -28,7 +28,7 @@ from PIL import Image
 
 import dit
 import fid
-from diffusion import create_diffusion, progress
+from diffusion import create_diffusion, print_progress
 from vae import load_vae
 
 # the official sample.py's classes, and the defaults of its flags
@@ -240,7 +240,7 @@ def sample_fid(model, vae, loop, guidance, args, config):
         atomic_write(shard(rank, b), lambda f: np.savez(f, images=images,
                                                         labels=labels.cpu().numpy(), rng=state))
         if rank == 0:
-            progress("images", (b - start + 1) * n * world_size, total, t0)
+            print_progress("images", (b - start + 1) * n * world_size, total, t0)
     if world_size > 1:
         dist.barrier()
     if rank == 0:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 import fid
 import sample
 from sample import Help, count, number
-from diffusion import create_diffusion, progress
+from diffusion import create_diffusion, print_progress
 from dit import DiT_models, create_dit, load_checkpoint
 from vae import load_vae
 
@@ -598,7 +598,7 @@ def build_cache(args, samples, vae, meta):
         latents[these] = stats.unflatten(0, (2, -1)).transpose(0, 1).cpu().numpy()
         labels[these] = y.numpy()
         if rank == 0:
-            progress("latent cache: batches", b + 1, len(loader), start)
+            print_progress("latent cache: batches", b + 1, len(loader), start)
     latents.flush()
     labels.flush()
     dist.barrier()
