@@ -70,18 +70,14 @@ def main(argv=None):
     # as official: each rank its own random stream
     torch.manual_seed(args.global_seed * world_size + rank)
     PREEMPTED.clear()
-    # signal handlers can only be set in the main thread
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:
-        old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: PREEMPTED.set())
+    old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: PREEMPTED.set())
     try:
         train(args, rank, world_size, device)
     except (OSError, ValueError) as e:
         # a failed download, a corrupt file: one line that says what to do
         fail(str(e))
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, old_handler)
+        signal.signal(signal.SIGTERM, old_handler)
         # DDP's reducer sits in a reference cycle and holds the group: freed first, or gloo may
         # abort the process at exit ("terminate called without an active exception")
         gc.collect()
