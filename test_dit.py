@@ -1049,7 +1049,7 @@ def test_train_batch_must_divide_over_the_processes(tmp_path):
                   '{{"depth": 3, "hidden_size": 32, "num_heads": 2}}'],
                  "was trained with --model-kwargs", id="other-model-kwargs"),
     pytest.param(["--resume", "{exp}", "--image-size", "32"],
-                 "was trained with --image-size 16, not 32", id="other-image-size"),
+                 "was trained with --image-size 16, not 32;", id="other-image-size"),
     pytest.param(["--resume", "{tmp}/official.pt"], "not a checkpoint written by this train.py",
                  id="foreign-checkpoint"),
 ])

@@ -427,7 +427,7 @@ def load_resume(args, classes):
                 "global_seed", "vae"):
         if ckpt["args"].get(key) != getattr(args, key):
             fail(f"--resume {path} was trained with --{key.replace('_', '-')} "
-                 f"{ckpt['args'].get(key)}, not {getattr(args, key)}; pass the same value")
+                 f"{ckpt['args'].get(key)!r}, not {getattr(args, key)!r}; pass the same value")
     # older checkpoints did not store the classes
     if ckpt.get("classes", classes) != classes:
         fail(f"--resume {path} was trained on the classes {ckpt['classes'][:5]}..., not the "
