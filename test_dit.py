@@ -1198,11 +1198,6 @@ def fid_images(n, size, seed):
     return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
 
 
-def fid_psd(rng, d):
-    a = rng.normal(size=(d, d))
-    return a @ a.T / d + 0.1 * np.eye(d)
-
-
 def fid_write_folder(path, x):
     os.makedirs(path, exist_ok=True)
     for i, im in enumerate(x.permute(0, 2, 3, 1).numpy()):
@@ -1217,18 +1212,15 @@ def fid_batches(source, batch_size=2):
     return out
 
 
-def npz(path, *arrays, **named):
-    """np.savez(path, *arrays, **named); returns str(path)."""
-    np.savez(path, *arrays, **named)
-    return str(path)
-
-
 def write_npz(path, n):
+    """An ADM .npz of n 8x8 images at path; returns path."""
     np.savez(path, fid_images(n, 8, n).permute(0, 2, 3, 1).numpy())
     return path
 
 
 def write_stats(path, **change):
+    """A statistics .npz (3 features, 2 spatial) at path, keys changed (None: left out) by change;
+    returns path."""
     stats = {"mu": np.zeros(3), "sigma": np.eye(3), "mu_s": np.zeros(2), "sigma_s": np.eye(2),
              **change}
     np.savez(path, **{k: v for k, v in stats.items() if v is not None})
@@ -1302,6 +1294,12 @@ def test_fid_of_a_set_with_itself_is_zero():
     x = np.random.default_rng(0).normal(size=(500, 16)).astype(np.float32)
     mu, sigma = fid.statistics(x)
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def fid_psd(rng, d):
+    """A random d x d covariance (symmetric positive definite)."""
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
 
 
 def test_fid_matches_closed_form_on_gaussians():
@@ -1479,6 +1477,12 @@ def test_fid_grayscale_files_become_rgb(tmp_path):
 def test_fid_gray_arrays_must_be_rgb(x):
     with pytest.raises(ValueError, match="repeat to 3 channels"):
         fid.image_batches(x)
+
+
+def npz(path, *arrays, **named):
+    """np.savez(path, *arrays, **named); returns str(path)."""
+    np.savez(path, *arrays, **named)
+    return str(path)
 
 
 def folder_with(path, x, name, data):
