@@ -3998,3 +3998,30 @@ def test_fid_hostile_npz_is_one_line(tmp_path, monkeypatch, capsys, case):
            if case != "no_pixels" else
            "arr_0 is uint8 (5, 0, 0, 3); expected C-ordered uint8 (N, H, W, 3)")
     assert (code, out, err) == (f"fid.py: error: {path}: {why}", "", "")
+
+
+@pytest.mark.slow
+def test_train_sigterm_to_the_whole_job_with_loader_processes(tmp_path):
+    """Slurm signals every process of a job: the loader processes ignore it, and the run saves a
+    checkpoint and exits 0 (large images: the run mostly waits for its loader process)."""
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        os.makedirs(tmp_path / "data" / f"c{i % 2}", exist_ok=True)
+        pixels = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "data" / f"c{i % 2}" / f"{i}.bmp")
+    data = str(tmp_path / "data")
+    argv = [*PIXEL, "--num-workers", "1", "--data-path", data, "--results-dir", "r",
+            "--max-steps", "100000", "--ckpt-every", "100000"]
+    proc = subprocess.Popen([sys.executable, TRAIN, *argv], cwd=tmp_path, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = tmp_path / "r" / "000-DiT-S-8" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    saved = os.listdir(tmp_path / "r" / "000-DiT-S-8" / "checkpoints")
+    assert len(saved) == 1 and f"Stopped by SIGTERM at step {int(saved[0][:-3])}" in out

@@ -652,7 +652,12 @@ def data_loader(dataset, items, args, device, drop_last=True):
     # its own generator: the global random state stays untouched
     return DataLoader(dataset, batch_size=args.global_batch_size // dist.get_world_size(),
                       sampler=items, num_workers=workers, pin_memory=device.type == "cuda",
-                      drop_last=drop_last, generator=torch.Generator())
+                      drop_last=drop_last, generator=torch.Generator(),
+                      worker_init_fn=ignore_sigterm)
+
+def ignore_sigterm(worker_id):
+    """Loader processes outlive a SIGTERM sent to the whole job (Slurm): the run saves first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 @torch.no_grad()
 def to_latent(x, vae, cached):
