@@ -3537,6 +3537,14 @@ def test_train_latent_cache_checks_its_images_and_vae(tmp_path, change, message)
     assert message in str(e.value) and "delete it" in str(e.value)
 
 
+def wait_for_log_lines(proc, metrics, n):
+    """Wait until a running train.py has written n lines to metrics.jsonl."""
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= n):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_train_sigterm_saves_and_exits_cleanly_torchrun(tmp_path):
     """SIGTERM to torchrun (what a scheduler sends) reaches both ranks: they save a checkpoint
@@ -3549,10 +3557,7 @@ def test_train_sigterm_saves_and_exits_cleanly_torchrun(tmp_path):
                              "--nproc_per_node=2", TRAIN, *argv], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "r" / "000-DiT-S-8" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
-        time.sleep(0.2)
+    wait_for_log_lines(proc, metrics, 3)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     run = tmp_path / "r" / "000-DiT-S-8"
@@ -4016,10 +4021,7 @@ def test_train_sigterm_to_the_whole_job_with_loader_processes(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics = tmp_path / "r" / "000-DiT-S-8" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
-        time.sleep(0.2)
+    wait_for_log_lines(proc, metrics, 3)
     os.killpg(proc.pid, signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out
