@@ -10,7 +10,7 @@ import time
 
 import torch
 
-def progress(what, done, total, start, unit=""):
+def print_progress(what, done, total, start, unit=""):
     """Print a status line to stderr: done/total, rate and ETA (h:mm:ss); a newline when done."""
     rate = done / max(time.time() - start, 1e-9)
     left = round((total - done) / rate) if rate > 0 else 0
@@ -314,7 +314,7 @@ class GaussianDiffusion:
             with torch.no_grad():
                 x = step(model, x, t, **kwargs)["sample"]
             if verbose:
-                progress("sampling step", n + 1, self.num_timesteps, start)
+                print_progress("sampling step", n + 1, self.num_timesteps, start)
         return x
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
@@ -400,7 +400,7 @@ class GaussianDiffusion:
             x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * (math.exp(-h) - 1.0)) * D
             x0_prev = x0
             if verbose:
-                progress("sampling step", i + 1, len(timesteps), start)
+                print_progress("sampling step", i + 1, len(timesteps), start)
         return x
 
 def create_diffusion(timestep_respacing, noise_schedule="linear", use_kl=False, sigma_small=False,

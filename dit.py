@@ -5,10 +5,14 @@ release, so official checkpoints load strictly and give the official outputs.
 """
 import argparse
 import functools
+import hashlib
 import http.client
 import inspect
 import math
 import os
+import sys
+import time
+import urllib.request
 
 import torch
 import torch.nn as nn
@@ -406,29 +410,103 @@ def create_dit(model="DiT-XL/2", **overrides):
 PRETRAINED = ("DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt")
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/DiT/models"
 
+# a server that sends nothing for DOWNLOAD_TIMEOUT seconds fails the try; a stall, a dropped or
+# cut transfer or a busy server (5xx) is tried DOWNLOAD_TRIES times in all, the wait between
+# tries doubling from DOWNLOAD_BACKOFF seconds
+DOWNLOAD_TIMEOUT = 30
+DOWNLOAD_TRIES = 3
+DOWNLOAD_BACKOFF = 1.0
+
+def print_progress(what, done, total, start, unit=""):
+    """Print a status line to stderr: done/total, rate and ETA (h:mm:ss); a newline when done."""
+    rate = done / max(time.time() - start, 1e-9)
+    left = round((total - done) / rate) if rate > 0 else 0
+    eta = f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+    end = "\n" if done >= total else ""
+    line = f"\r{what} {done:,.0f}/{total:,.0f}{unit}, {rate:,.2f}{unit}/s, ETA {eta} "
+    print(line, end=end, file=sys.stderr, flush=True)
+
 def cache_dir():
     """Downloads go to $DIT_CACHE, or ~/.cache/dit when it is unset or empty."""
     return os.environ.get("DIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dit")
 
+def download_retry(e, tries, url):
+    """(Why try number `tries` of url failed with e, whether to try again); waits if so."""
+    # urllib wraps the socket's error in a URLError, except while it reads
+    cause = getattr(e, "reason", e)
+    why = str(e).strip()
+    if isinstance(cause, TimeoutError):
+        why = f"no answer for {DOWNLOAD_TIMEOUT:g} s"
+    code = getattr(e, "code", None) or 0
+    # a stall, a dropped or cut connection, a busy or failing server: the next try may work
+    dropped = (TimeoutError, ConnectionResetError, ConnectionAbortedError,
+               http.client.IncompleteRead)
+    if not (isinstance(cause, dropped) or code in (408, 429) or code >= 500):
+        return why, False
+    if tries >= DOWNLOAD_TRIES:
+        return f"{why}; {tries} tries", False
+    wait = DOWNLOAD_BACKOFF * 2 ** (tries - 1)
+    print(f"{url}: {why}; trying again in {wait:g} s", file=sys.stderr, flush=True)
+    time.sleep(wait)
+    return why, True
+
 def download(url, path, sha256=None, mirror=None):
-    """Download url to path with torch.hub (temp file, sha256 check, rename) or say what to do."""
+    """Download url to path (temp file; length, HTML and sha256 checks; rename) or say why."""
     folder = os.path.dirname(os.path.abspath(path))
     # the nearest folder that exists: a failed download removes the empty ones it made below it
     kept = folder
     while not os.path.isdir(kept):
         kept = os.path.dirname(kept)
     os.makedirs(folder, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, path, hash_prefix=sha256)
-    except (OSError, RuntimeError, http.client.HTTPException) as e:
-        # OSError: no network, HTTP errors, a full disk; RuntimeError: another sha256;
-        # HTTPException: a reply that stops early or is not HTTP
-        while folder != kept and not os.listdir(folder):
-            os.rmdir(folder)
-            folder = os.path.dirname(folder)
-        hint = f", or set {mirror} to a mirror" if mirror else ""
-        raise OSError(f"cannot download {url} ({e}); put the file at {path}{hint}") from None
-    return path
+    part = f"{path}.{os.getpid()}.partial"
+    tries = 0
+    again = True
+    while again:
+        tries += 1
+        size = done = 0
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r, open(part, "wb") as f:
+                length = r.headers.get("Content-Length", "")
+                size = int(length) if length.isdigit() else 0
+                html = r.headers.get_content_type() == "text/html"
+                digest = hashlib.sha256()
+                start = time.time()
+                what = f"downloading {os.path.basename(path)}"
+                scale, unit = (1e6, " MB") if size >= 1e6 else (1, " bytes")
+                chunk = r.read(1 << 20)
+                # a mirror's login, error or index page, sent with a 200
+                if html or chunk.lstrip()[:9].lower().startswith((b"<!doctype", b"<html")):
+                    raise ValueError("an HTML page, not the file")
+                while chunk:
+                    f.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    if size:
+                        print_progress(what, done / scale, size / scale, start, unit)
+                    chunk = r.read(1 << 20)
+            # a connection closed early: an error that another try may mend
+            if size and done != size:
+                raise ConnectionAbortedError(f"cut short: {done:,} of {size:,} bytes")
+            if not done:
+                raise ValueError("an empty file")
+            if sha256 and digest.hexdigest() != sha256:
+                raise ValueError(f'invalid hash value (expected "{sha256}", got '
+                                 f'"{digest.hexdigest()}")')
+            os.replace(part, path)
+            return path
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            if 0 < done < size:
+                # ends the progress line
+                print(file=sys.stderr)
+            why, again = download_retry(e, tries, url)
+        finally:
+            if os.path.exists(part):
+                os.remove(part)
+    while folder != kept and not os.listdir(folder):
+        os.rmdir(folder)
+        folder = os.path.dirname(folder)
+    hint = f", or set {mirror} to a mirror" if mirror else ""
+    raise OSError(f"cannot download {url} ({why}); put the file at {path}{hint}")
 
 def load_checkpoint(name_or_path):
     """
@@ -456,7 +534,9 @@ def load_checkpoint(name_or_path):
         why = f"empty, truncated or not a PyTorch file ({type(e).__name__})"
         if "global" in str(e).lower():
             why = "it holds pickled Python objects, which are never loaded (they could run code)"
-        raise ValueError(f"{path} is not a readable checkpoint: {why}; give a DiT one") from None
+        # a download of an official name that was cached before downloads were checked
+        fix = "delete it to download it again" if path != name_or_path else "give a DiT one"
+        raise ValueError(f"{path} is not a readable checkpoint: {why}; {fix}") from None
     if not isinstance(ckpt, dict) or not ckpt:
         raise ValueError(f"{path} holds no weights (a {type(ckpt).__name__}); give a checkpoint")
     return ckpt

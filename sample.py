@@ -28,7 +28,7 @@ from PIL import Image
 
 import dit
 import fid
-from diffusion import create_diffusion, progress
+from diffusion import create_diffusion, print_progress
 from vae import load_vae
 
 # the official sample.py's classes, and the defaults of its flags
@@ -121,7 +121,7 @@ def generate(model, vae, loop, n, generator=None, guidance=None):
     size = model.config["input_size"]
     z = torch.randn(n, model.in_channels, size, size, generator=generator, device=device)
     y = torch.randint(0, model.config["num_classes"], (n,), generator=generator, device=device)
-    x = sample(model, loop, z, y, guidance, clip_denoised=vae is None)
+    x = sample(model, loop, z, y, guidance=guidance, clip_denoised=vae is None)
     return to_uint8(decode(vae, x)), y
 
 #################################################################################
@@ -240,7 +240,7 @@ def sample_fid(model, vae, loop, guidance, args, config):
         atomic_write(shard(rank, b), lambda f: np.savez(f, images=images,
                                                         labels=labels.cpu().numpy(), rng=state))
         if rank == 0:
-            progress("images", (b - start + 1) * n * world_size, total, t0)
+            print_progress("images", (b - start + 1) * n * world_size, total, t0)
     if world_size > 1:
         dist.barrier()
     if rank == 0:
@@ -509,7 +509,8 @@ def run(args, rank, world_size, device):
                       device=device.type)
         loop = sampling_loop(args.sampler, args.num_sampling_steps, args.eta)
         # as the official sample_ddp.py: a scale of 1 samples without the null batch
-        sample_fid(model, vae, loop, guidance if args.cfg_scale > 1 else None, args, config)
+        sample_fid(model, vae, loop, guidance if args.cfg_scale > 1 else None, args=args,
+                   config=config)
         return
     # a grid, as the official sample.py: always guided (the null batch even at scale 1)
     loop = sampling_loop(args.sampler, args.num_sampling_steps, args.eta, progress=True)
@@ -518,7 +519,7 @@ def run(args, rank, world_size, device):
     z = torch.randn(len(labels), model.in_channels, size, size, device=device)
     y = torch.tensor(labels, device=device)
     with autocast(device, args.precision):
-        x = sample(model, loop, z, y, guidance, clip_denoised=vae is None)
+        x = sample(model, loop, z, y, guidance=guidance, clip_denoised=vae is None)
         images = to_uint8(decode(vae, x))
     grid = make_grid(images)
     file_format = Image.registered_extensions()[os.path.splitext(args.out)[1].lower()]

@@ -9,6 +9,7 @@ cache, pixel-space models (--vae none), mixed precision, sample grids and FID wh
 The file reads in the order it runs: main, parse_args, train (the story), then each of its steps.
 """
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -25,16 +26,15 @@ from copy import deepcopy
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 import fid
 import sample
 from sample import Help, count, number
-from diffusion import create_diffusion, progress
-import dit
-from dit import DiT_models, create_dit
+from diffusion import create_diffusion, print_progress
+from dit import PRETRAINED, DiT_models, create_dit, load_checkpoint, load_pretrained
 from vae import load_vae
 
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,18 +70,14 @@ def main(argv=None):
     # as official: each rank its own random stream
     torch.manual_seed(args.global_seed * world_size + rank)
     PREEMPTED.clear()
-    # signal handlers can only be set in the main thread
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:
-        old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: PREEMPTED.set())
+    old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: PREEMPTED.set())
     try:
         train(args, rank, world_size, device)
     except (OSError, ValueError) as e:
         # a failed download, a corrupt file: one line that says what to do
         fail(str(e))
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, old_handler)
+        signal.signal(signal.SIGTERM, old_handler)
         # DDP's reducer sits in a reference cycle and holds the group: freed first, or gloo may
         # abort the process at exit ("terminate called without an active exception")
         gc.collect()
@@ -92,44 +88,40 @@ def parse_args(argv=None):
     """The official flags and defaults, plus resume, caching, speed and monitoring flags."""
     p = argparse.ArgumentParser(prog="train.py", description="Train a class-conditional DiT "
                                 "with DDP.", epilog=EXAMPLES, formatter_class=Help)
-    p.add_argument("--data-path", type=str, required=True, help="folder of <class>/<images>")
-    p.add_argument("--results-dir", type=str, default="results", help="experiments go here")
-    p.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2")
+    p.add_argument("--data-path", required=True, help="folder of <class>/<images>")
+    p.add_argument("--results-dir", default="results", help="experiments go here")
+    p.add_argument("--model", choices=list(DiT_models), default="DiT-XL/2")
     p.add_argument("--image-size", type=count(1), default=256, help="pixels (square)")
     p.add_argument("--num-classes", type=count(1), default=1000, help="1: unconditional")
     p.add_argument("--epochs", type=count(1), default=1400, help="passes over the data")
     p.add_argument("--global-batch-size", type=count(1), default=256, help="over all processes")
     p.add_argument("--global-seed", type=int, default=0, help="data order, weights, noise")
-    p.add_argument("--vae", type=str, default="ema", help="ema, mse, repo id, folder, file; none")
-    p.add_argument("--num-workers", type=count(0),
-                   help="loader processes per process (default: 4 with a GPU, 0 on the CPU)")
+    p.add_argument("--vae", default="ema", help="ema, mse, repo id, folder, file; none")
+    p.add_argument("--num-workers", type=count(0), help="default: 4 on GPUs, 0 on CPUs")
     p.add_argument("--log-every", type=count(1), default=100, help="steps between log lines")
     p.add_argument("--ckpt-every", type=count(1), default=50_000, help="steps between checkpoints")
-    p.add_argument("--lr", type=number(0, math.inf),
-                   help="AdamW learning rate (default: 1e-4, or the resumed run's)")
-    p.add_argument("--ema-decay", type=number(0, 1), default=0.9999,
-                   help="0.9999^N of the initial weights remain after N steps; short runs: 0.999")
+    p.add_argument("--lr", type=number(0, math.inf), help="default: 1e-4, or the resumed run's")
+    p.add_argument("--ema-decay", type=number(0, 1), default=0.9999, help="short runs: 0.999")
     p.add_argument("--max-steps", type=count(1), help="stop (and save) at this step")
-    p.add_argument("--resume", type=str, help="a checkpoint, or an experiment folder (its last)")
-    p.add_argument("--init-from", type=str, metavar="CKPT",
+    p.add_argument("--resume", help="a checkpoint, or an experiment folder (its last)")
+    p.add_argument("--init-from", metavar="CKPT",
                    help="fine-tune: a new run from a checkpoint's weights, or DiT-XL-2-256x256.pt")
     p.add_argument("--init-classes", type=count(0), nargs="+", metavar="OLD",
                    help="new class i starts from --init-from's class OLD_i")
     p.add_argument("--keep-last", type=count(0), default=0, help="keep the newest N (0: all)")
-    p.add_argument("--latent-cache", type=str, help="folder of the data's VAE latents (made once)")
+    p.add_argument("--latent-cache", help="folder of the data's VAE latents (made once)")
     p.add_argument("--sample-every", type=count(0), default=0, help="EMA sample grid every N steps")
     p.add_argument("--precision", choices=list(AMP), default="fp32", help="autocast dtype")
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions on GPUs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true", help="less memory, more compute")
-    p.add_argument("--model-kwargs", type=str, default="{}", help="JSON of DiT arguments over "
-                   "--model, e.g. '{\"depth\": 4}'")
+    p.add_argument("--model-kwargs", default="{}", help="JSON: DiT arguments over --model")
     p.add_argument("--fid-every", type=count(0), default=0, help="FID and IS every N steps, at end")
-    p.add_argument("--fid-ref", type=str, help="FID reference: ADM .npz, stats .npz, images")
+    p.add_argument("--fid-ref", help="FID reference: ADM .npz, stats .npz, images")
     p.add_argument("--fid-num-samples", type=count(2), default=10_000, help="EMA samples per FID")
     p.add_argument("--fid-steps", type=count(1), default=50, help="DDIM steps of the FID samples")
     p.add_argument("--fid-cfg-scale", type=number(0, math.inf), default=1.0, help="1: unguided")
-    p.add_argument("--fid-inception", type=str, help="weights file (default: fid.py's download)")
+    p.add_argument("--fid-inception", help="weights file (default: fid.py's download)")
     return p.parse_args(argv)
 
 EXAMPLES = """examples:
@@ -191,7 +183,7 @@ def train(args, rank, world_size, device):
     # fp16 needs loss scaling; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     if ckpt:
-        restore_training_state(ckpt, ema, opt, scaler, log)
+        restore_training_state(ckpt, ema, opt, scaler=scaler, log=log)
 
     # Setup FID monitoring: Inception on every rank, the reference statistics on rank 0
     inception = None
@@ -226,7 +218,8 @@ def train(args, rank, world_size, device):
     log_steps = 0
     start_time = time.time()
     while step < total_steps:
-        items = epoch_order(len(samples), epoch, args.global_seed, rank, world_size)
+        items = epoch_order(len(samples), epoch, args.global_seed, rank=rank,
+                            world_size=world_size)
         skip = start_batch * (args.global_batch_size // world_size)
         loader = data_loader(dataset, items[skip:], args, device)
         for batch_index, (x, y) in enumerate(loader, start=start_batch):
@@ -259,13 +252,13 @@ def train(args, rank, world_size, device):
                 losses = mean_over_ranks(running, keys, log_steps)
                 # before a checkpoint is written: a NaN loss stops the run here
                 if not all(math.isfinite(value) for value in losses.values()):
-                    message = (f"loss is NaN/inf at step {step} or before; resume from the last "
-                               f"good checkpoint {last_good} with a lower --lr (or bf16 instead "
-                               "of fp16)")
-                    log(message)
-                    fail(message)
+                    log(f"loss is NaN/inf at step {step} or before")
+                    fail(f"loss is NaN/inf at step {step} or before; resume from the last good "
+                         f"checkpoint {last_good} with a lower --lr (or bf16 instead of fp16)")
                 steps_per_sec = log_steps / (time.time() - start_time)
-                log_losses(log, losses, step, total_steps, steps_per_sec, args, model)
+                metrics = {"step": step, **losses, "steps_per_sec": steps_per_sec,
+                           "img_per_sec": steps_per_sec * args.global_batch_size}
+                log_losses(log, metrics, total_steps, model)
                 running.zero_()
                 log_steps = 0
                 start_time = time.time()
@@ -291,7 +284,7 @@ def train(args, rank, world_size, device):
                 save_sample_grid(ema, vae, args, path)
                 log(f"Saved EMA samples to {path}")
             if args.fid_every and (step % args.fid_every == 0 or done):
-                metrics = evaluate_fid(ema, vae, args, inception, reference)
+                metrics = evaluate_fid(ema, vae, args, inception=inception, reference=reference)
                 if rank == 0:
                     log(f"(step={step:07d}) FID {metrics['fid']:.4f}, IS {metrics['is']:.4f} "
                         f"({args.fid_num_samples} EMA samples, DDIM-{args.fid_steps})",
@@ -337,10 +330,10 @@ def check_args(args, world_size):
              f"{args.num_classes}; give one per new class (or leave it out: new label rows)")
     if args.init_classes and not args.init_from:
         fail("--init-classes picks rows of --init-from's label table; give --init-from too")
-    official = args.init_from in dit.PRETRAINED
+    official = args.init_from in PRETRAINED
     if args.init_from and not official and not os.path.isfile(args.init_from):
         fail(f"--init-from {args.init_from} is not a file; give a checkpoint, a state dict or one "
-             f"of {', '.join(dit.PRETRAINED)}")
+             f"of {', '.join(PRETRAINED)}")
     if args.resume and not os.path.exists(args.resume):
         fail(f"--resume {args.resume} does not exist; give a checkpoint or an experiment folder")
     if args.fid_every and not (args.fid_ref and os.path.exists(args.fid_ref)):
@@ -403,9 +396,7 @@ def find_images(root):
 def describe_classes(classes):
     """The class-to-label mapping, as one log line (every checkpoint stores it whole)."""
     pairs = [f"{label}={name}" for label, name in enumerate(classes)]
-    if len(pairs) > 12:
-        pairs = [*pairs[:10], "...", pairs[-1]]
-    return f"Class labels: {', '.join(pairs)}"
+    return "Class labels: " + ", ".join(pairs if len(pairs) <= 12 else [*pairs[:10], "..."])
 
 def center_crop_arr(pil_image, image_size):
     """ADM center crop: box-halve while the short side >= 2 * size, bicubic to size, crop."""
@@ -428,8 +419,6 @@ def read_image(path, image_size):
             # images over twice its limit as decompression bombs
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                # the orientation a viewer shows (camera JPEGs store it in EXIF)
-                image = ImageOps.exif_transpose(image)
                 return center_crop_arr(fid.to_rgb(image), image_size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # once per file and process, not once per epoch
@@ -447,14 +436,8 @@ def load_resume(args, classes):
     path = args.resume
     if os.path.isdir(path):
         path = last_checkpoint(path)
-    try:
-        # memory-mapped: the ranks of a node share one copy in the page cache
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        # torch.load raises many types (RuntimeError, UnpicklingError, EOFError...) for a file
-        # that is not a checkpoint
-        fail(f"--resume {path} cannot be read as a checkpoint ({type(e).__name__}); give a "
-             "checkpoint written by this train.py")
+    # memory-mapped: the ranks of a node share one copy in the page cache
+    ckpt = load_checkpoint(path)
     needed = {"model", "ema", "opt", "args", "step", "epoch", "batch", "rng", "world_size"}
     if not (isinstance(ckpt, dict) and needed <= ckpt.keys() and isinstance(ckpt["args"], dict)):
         fail(f"--resume {path} is not a checkpoint written by this train.py (it lacks the "
@@ -463,7 +446,7 @@ def load_resume(args, classes):
                 "global_seed", "vae"):
         if ckpt["args"].get(key) != getattr(args, key):
             fail(f"--resume {path} was trained with --{key.replace('_', '-')} "
-                 f"{ckpt['args'].get(key)}, not {getattr(args, key)}; pass the same value")
+                 f"{ckpt['args'].get(key)!r}, not {getattr(args, key)!r}; pass the same value")
     # older checkpoints did not store the classes
     if ckpt.get("classes", classes) != classes:
         fail(f"--resume {path} was trained on the classes {ckpt['classes'][:5]}..., not the "
@@ -477,10 +460,10 @@ def init_from(args, model, rank):
     if rank > 0:
         dist.barrier()
     try:
-        ckpt = dit.load_checkpoint(args.init_from)
+        ckpt = load_checkpoint(args.init_from)
         # a train.py checkpoint: its EMA, and its config (class count, null row, heads)
         config = ckpt.get("config") if "ema" in ckpt else None
-        report = dit.load_pretrained(model, ckpt.get("ema", ckpt), args.init_classes, config)
+        report = load_pretrained(model, ckpt.get("ema", ckpt), args.init_classes, config)
     except (OSError, ValueError) as e:
         fail(f"--init-from {args.init_from}: {e}")
     finally:
@@ -523,18 +506,19 @@ def new_experiment_folder(results_dir, name):
     while True:
         numbers = [int(m[1]) for n in os.listdir(results_dir) if (m := re.match(r"(\d+)-", n))]
         path = f"{results_dir}/{max(numbers, default=-1) + 1:03d}-{name}"
-        try:
-            # mkdir fails if another run made the same folder first: then take the next number
+        # mkdir fails if another run made the same folder first: then take the next number
+        with contextlib.suppress(FileExistsError):
             os.mkdir(path)
-        except FileExistsError:
-            continue
-        os.makedirs(f"{path}/checkpoints")
-        return path
+            os.mkdir(f"{path}/checkpoints")
+            return path
 
 def create_logger(experiment_dir, rank):
     """log(message, metrics): rank 0 prints and appends to log.txt, metrics to metrics.jsonl."""
-    if rank == 0:
-        drop_cut_line(f"{experiment_dir}/metrics.jsonl")
+    jsonl = f"{experiment_dir}/metrics.jsonl"
+    if rank == 0 and os.path.exists(jsonl):
+        # a line cut by a crash (a full disk) is dropped: one JSON object per line
+        with open(jsonl, "rb+") as f:
+            f.truncate(f.read().rfind(b"\n") + 1)
 
     def log(message, metrics=None):
         if rank != 0:
@@ -544,18 +528,9 @@ def create_logger(experiment_dir, rank):
         with open(f"{experiment_dir}/log.txt", "a") as f:
             f.write(line + "\n")
         if metrics is not None:
-            with open(f"{experiment_dir}/metrics.jsonl", "a") as f:
+            with open(jsonl, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
     return log
-
-def drop_cut_line(path):
-    """Cut a last line that a crash (a full disk) left unfinished: one JSON object per line."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
 
 def restore_training_state(ckpt, ema, opt, scaler, log):
     """Load the EMA, optimizer and loss scaler of a checkpoint; a new --lr replaces its lr."""
@@ -591,10 +566,7 @@ def build_dataset(args, samples, vae, device):
         return ImageFolder(samples, args.image_size)
     meta = cache_meta(args, samples, vae)
     if not os.path.exists(f"{args.latent_cache}/meta.json"):
-        build_cache(args, samples, vae, device, meta)
-        if dist.get_rank() == 0:
-            print(f"Wrote latent cache {args.latent_cache}: {len(samples):,} images and their "
-                  "mirrors", flush=True)
+        build_cache(args, samples, vae, meta)
     return LatentCache(args.latent_cache, meta)
 
 class ImageFolder(Dataset):
@@ -632,9 +604,10 @@ def cache_meta(args, samples, vae):
     return json.loads(json.dumps(meta))
 
 @torch.no_grad()
-def build_cache(args, samples, vae, device, meta):
+def build_cache(args, samples, vae, meta):
     """Encode every image and its mirror once, the ranks sharing the work, into --latent-cache."""
     rank = dist.get_rank()
+    device = next(vae.parameters()).device
     tmp = f"{args.latent_cache}.tmp"
     # the posterior's mean and std, not a sample: training still draws a fresh latent per step
     shape = (len(samples), 2, 2, *meta["latent_shape"])  # (N, flip, 2, C, h, w)
@@ -657,7 +630,7 @@ def build_cache(args, samples, vae, device, meta):
         latents[these] = stats.unflatten(0, (2, -1)).transpose(0, 1).cpu().numpy()
         labels[these] = y.numpy()
         if rank == 0:
-            progress("latent cache: batches", b + 1, len(loader), start)
+            print_progress("latent cache: batches", b + 1, len(loader), start)
     latents.flush()
     labels.flush()
     dist.barrier()
@@ -666,6 +639,7 @@ def build_cache(args, samples, vae, device, meta):
         with open(f"{tmp}/meta.json", "w") as f:
             json.dump(meta, f)
         os.replace(tmp, args.latent_cache)
+        print(f"Wrote latent cache {args.latent_cache}: {len(samples):,} images and mirrors")
     dist.barrier()
 
 class LatentCache(Dataset):
@@ -714,7 +688,12 @@ def data_loader(dataset, items, args, device, drop_last=True):
     # its own generator: the global random state stays untouched
     return DataLoader(dataset, batch_size=args.global_batch_size // dist.get_world_size(),
                       sampler=items, num_workers=workers, pin_memory=device.type == "cuda",
-                      drop_last=drop_last, generator=torch.Generator())
+                      drop_last=drop_last, generator=torch.Generator(),
+                      worker_init_fn=ignore_sigterm)
+
+def ignore_sigterm(worker_id):
+    """Loader processes outlive a SIGTERM sent to the whole job (Slurm): the run saves first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 @torch.no_grad()
 def to_latent(x, vae, cached):
@@ -746,14 +725,14 @@ def mean_over_ranks(running, keys, log_steps):
     means = (totals / (log_steps * dist.get_world_size())).tolist()
     return dict(zip(keys, means))
 
-def log_losses(log, losses, step, total_steps, steps_per_sec, args, model):
-    """Log the losses, speed and ETA (also to metrics.jsonl); on a GPU, TFLOP/s and memory."""
-    metrics = {"step": step, **losses, "steps_per_sec": steps_per_sec,
-               "img_per_sec": steps_per_sec * args.global_batch_size}
-    left = round((total_steps - step) / steps_per_sec)
-    line = (f"(step={step:07d}) " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
-            + f" | {steps_per_sec:.2f} steps/s, {metrics['img_per_sec']:.1f} img/s, "
-            + f"ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
+def log_losses(log, metrics, total_steps, model):
+    """Log losses, speed and ETA (and metrics to metrics.jsonl); on a GPU, TFLOP/s and memory."""
+    step = metrics["step"]
+    speed = metrics["steps_per_sec"]
+    losses = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("loss", "mse", "vb") if k in metrics)
+    left = round((total_steps - step) / speed)
+    line = (f"(step={step:07d}) {losses} | {speed:.2f} steps/s, {metrics['img_per_sec']:.1f} "
+            f"img/s, ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
     device = next(model.parameters()).device
     if device.type == "cuda":
         # training = 3x the forward flops (the backward pass is 2x), 2 flops a multiply-add
@@ -819,7 +798,7 @@ def evaluate_fid(ema, vae, args, inception, reference):
     features = []
     device = next(ema.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for images in fid_images(ema, vae, args, dist.get_rank(), world_size, device):
+        for images in fid_images(ema, vae, args, rank=dist.get_rank(), world_size=world_size):
             pool3, _, logits = inception(images)
             features.append(torch.cat([pool3, logits], 1))  # (B, 2048 + 1008)
     features = torch.cat(features)
@@ -831,8 +810,9 @@ def evaluate_fid(ema, vae, args, inception, reference):
     fid_value = fid.frechet_distance(*fid.statistics(features[:, :2048]), *reference)
     return {"fid": fid_value, "is": fid.inception_score(features[:, 2048:])}
 
-def fid_images(ema, vae, args, rank, world_size, device):
+def fid_images(ema, vae, args, rank, world_size):
     """This rank's share of the FID samples, batches of uint8 images (a generator of its own)."""
+    device = next(ema.parameters()).device
     generator = torch.Generator(device).manual_seed(args.global_seed * world_size + rank)
     per_rank = math.ceil(args.fid_num_samples / world_size)
     batch_size = args.global_batch_size // world_size
@@ -840,7 +820,7 @@ def fid_images(ema, vae, args, rank, world_size, device):
     loop = sample.sampling_loop("ddim", args.fid_steps)
     for i in range(0, per_rank, batch_size):
         n = min(batch_size, per_rank - i)
-        images, _ = sample.generate(ema, vae, loop, n, generator, guidance)
+        images, _ = sample.generate(ema, vae, loop, n, generator=generator, guidance=guidance)
         yield images
 
 if __name__ == "__main__":

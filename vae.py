@@ -8,6 +8,7 @@ same outputs) in PyTorch alone, with its own safetensors reader and Hugging Face
     python vae.py IMAGE [--vae mse]           # round-trip an image: writes IMAGE_vae.png
 """
 import argparse
+import hashlib
 import http.client
 import inspect
 import json
@@ -15,6 +16,8 @@ import math
 import os
 import pathlib
 import re
+import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -271,7 +274,8 @@ def read_config(path):
     """The AutoencoderKL arguments in a diffusers config.json, checked."""
     try:
         cfg = json.loads(pathlib.Path(path).read_bytes())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
+        # RecursionError: thousands of nested [ or {
         raise ValueError(f"{path} is not valid JSON ({e}); restore the VAE's config.json") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} is not a JSON object; restore the VAE's config.json")
@@ -331,11 +335,15 @@ def load_vae(name_or_path="stabilityai/sd-vae-ft-ema", device="cpu", dtype=torch
         raise ValueError(f"{weights} holds no VAE weights (keys like {keys}); pass an SD VAE")
     cfg = read_config(config) if config else infer_config(sd, weights)
     try:
+        # a config of millions of layers would take hours to build, and every layer has weights
+        layers = len(cfg.get("block_out_channels", [0] * 4)) * cfg.get("layers_per_block", 2)
+        if layers > len(sd):
+            raise ValueError(f"its {layers} layers are more than the {len(sd)} tensors")
         # no random init (it would use up the global RNG); strict: every key, every shape
         with torch.device("meta"):
             vae = AutoencoderKL(**cfg)
         vae.load_state_dict(sd, assign=True)
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (TypeError, ValueError, RuntimeError, ArithmeticError, LookupError) as e:
         # torch names every key (a line per kind or per shape): the first three
         why = "; ".join(line.strip()[:300] for line in str(e).split("\n\t")[1:4]) or str(e)
         raise ValueError(f"{weights} does not fit the VAE of {config or 'its weight shapes'}: "
@@ -367,7 +375,8 @@ def load_safetensors(path):
     fix = "delete it and download again"
     try:
         header = json.loads(blob[8:8 + n]) if 8 + n <= len(blob) else None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
+        # RecursionError: a header of thousands of nested [ or {
         raise ValueError(f"{path}: corrupt safetensors header ({e}); {fix}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: truncated or not a safetensors file; {fix}")
@@ -379,10 +388,16 @@ def load_safetensors(path):
         # whole numbers >= 0 (in JSON, 1.5 is a float and true a bool)
         whole = all(isinstance(v, list) and all(type(i) is int and i >= 0 for i in v)
                     for v in (shape, offsets))
-        if not whole or len(offsets) != 2 or e.get("dtype") not in ST_DTYPES:
+        dtype = e.get("dtype") if isinstance(e, dict) else None
+        if not whole or len(offsets) != 2 or not isinstance(dtype, str) or dtype not in ST_DTYPES:
             raise ValueError(f"{path}: corrupt safetensors header: tensor {name} is "
-                             f"{json.dumps(e)}, not a known dtype, a shape and two offsets; {fix}")
-        tensors.append((offsets, name, ST_DTYPES[e["dtype"]], shape))
+                             f"{json.dumps(e)[:200]}, not a known dtype, a shape and two offsets; "
+                             f"{fix}")
+        # torch takes sizes and strides below 2**63, even for a tensor of no elements
+        if math.prod(max(d, 1) for d in shape) >= 2 ** 63:
+            raise ValueError(f"{path}: corrupt safetensors header: tensor {name} has shape "
+                             f"{str(shape)[:100]}, larger than any tensor; {fix}")
+        tensors.append((offsets, name, ST_DTYPES[dtype], shape))
     size = len(blob) - 8 - n
     sd = {}
     pos = 0
@@ -401,29 +416,103 @@ def load_safetensors(path):
         raise ValueError(f"{path}: {size - pos} data bytes after the last tensor: corrupt; {fix}")
     return sd
 
+# a server that sends nothing for DOWNLOAD_TIMEOUT seconds fails the try; a stall, a dropped or
+# cut transfer or a busy server (5xx) is tried DOWNLOAD_TRIES times in all, the wait between
+# tries doubling from DOWNLOAD_BACKOFF seconds
+DOWNLOAD_TIMEOUT = 30
+DOWNLOAD_TRIES = 3
+DOWNLOAD_BACKOFF = 1.0
+
+def print_progress(what, done, total, start, unit=""):
+    """Print a status line to stderr: done/total, rate and ETA (h:mm:ss); a newline when done."""
+    rate = done / max(time.time() - start, 1e-9)
+    left = round((total - done) / rate) if rate > 0 else 0
+    eta = f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+    end = "\n" if done >= total else ""
+    line = f"\r{what} {done:,.0f}/{total:,.0f}{unit}, {rate:,.2f}{unit}/s, ETA {eta} "
+    print(line, end=end, file=sys.stderr, flush=True)
+
 def cache_dir():
     """Downloads go to $DIT_CACHE, or ~/.cache/dit when it is unset or empty."""
     return os.environ.get("DIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dit")
 
+def download_retry(e, tries, url):
+    """(Why try number `tries` of url failed with e, whether to try again); waits if so."""
+    # urllib wraps the socket's error in a URLError, except while it reads
+    cause = getattr(e, "reason", e)
+    why = str(e).strip()
+    if isinstance(cause, TimeoutError):
+        why = f"no answer for {DOWNLOAD_TIMEOUT:g} s"
+    code = getattr(e, "code", None) or 0
+    # a stall, a dropped or cut connection, a busy or failing server: the next try may work
+    dropped = (TimeoutError, ConnectionResetError, ConnectionAbortedError,
+               http.client.IncompleteRead)
+    if not (isinstance(cause, dropped) or code in (408, 429) or code >= 500):
+        return why, False
+    if tries >= DOWNLOAD_TRIES:
+        return f"{why}; {tries} tries", False
+    wait = DOWNLOAD_BACKOFF * 2 ** (tries - 1)
+    print(f"{url}: {why}; trying again in {wait:g} s", file=sys.stderr, flush=True)
+    time.sleep(wait)
+    return why, True
+
 def download(url, path, sha256=None, mirror=None):
-    """Download url to path with torch.hub (temp file, sha256 check, rename) or say what to do."""
+    """Download url to path (temp file; length, HTML and sha256 checks; rename) or say why."""
     folder = os.path.dirname(os.path.abspath(path))
     # the nearest folder that exists: a failed download removes the empty ones it made below it
     kept = folder
     while not os.path.isdir(kept):
         kept = os.path.dirname(kept)
     os.makedirs(folder, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, path, hash_prefix=sha256)
-    except (OSError, RuntimeError, http.client.HTTPException) as e:
-        # OSError: no network, HTTP errors, a full disk; RuntimeError: another sha256;
-        # HTTPException: a reply that stops early or is not HTTP
-        while folder != kept and not os.listdir(folder):
-            os.rmdir(folder)
-            folder = os.path.dirname(folder)
-        hint = f", or set {mirror} to a mirror" if mirror else ""
-        raise OSError(f"cannot download {url} ({e}); put the file at {path}{hint}") from None
-    return path
+    part = f"{path}.{os.getpid()}.partial"
+    tries = 0
+    again = True
+    while again:
+        tries += 1
+        size = done = 0
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r, open(part, "wb") as f:
+                length = r.headers.get("Content-Length", "")
+                size = int(length) if length.isdigit() else 0
+                html = r.headers.get_content_type() == "text/html"
+                digest = hashlib.sha256()
+                start = time.time()
+                what = f"downloading {os.path.basename(path)}"
+                scale, unit = (1e6, " MB") if size >= 1e6 else (1, " bytes")
+                chunk = r.read(1 << 20)
+                # a mirror's login, error or index page, sent with a 200
+                if html or chunk.lstrip()[:9].lower().startswith((b"<!doctype", b"<html")):
+                    raise ValueError("an HTML page, not the file")
+                while chunk:
+                    f.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    if size:
+                        print_progress(what, done / scale, size / scale, start, unit)
+                    chunk = r.read(1 << 20)
+            # a connection closed early: an error that another try may mend
+            if size and done != size:
+                raise ConnectionAbortedError(f"cut short: {done:,} of {size:,} bytes")
+            if not done:
+                raise ValueError("an empty file")
+            if sha256 and digest.hexdigest() != sha256:
+                raise ValueError(f'invalid hash value (expected "{sha256}", got '
+                                 f'"{digest.hexdigest()}")')
+            os.replace(part, path)
+            return path
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            if 0 < done < size:
+                # ends the progress line
+                print(file=sys.stderr)
+            why, again = download_retry(e, tries, url)
+        finally:
+            if os.path.exists(part):
+                os.remove(part)
+    while folder != kept and not os.listdir(folder):
+        os.rmdir(folder)
+        folder = os.path.dirname(folder)
+    hint = f", or set {mirror} to a mirror" if mirror else ""
+    raise OSError(f"cannot download {url} ({why}); put the file at {path}{hint}")
 
 def cache_paths(repo, filename):
     """A Hub repo file's place in cache_dir() (where downloads go) and in the Hugging Face cache."""
@@ -456,19 +545,31 @@ def hub_file(repo, filename, missing_ok=False):
     url = f"{endpoint}/{repo}/resolve/main/{filename}"
     # HEAD without following redirects: the Hub announces the sha256 of a large (LFS) file as
     # X-Linked-Etag, on its redirect to the CDN or on its 200; ETag is no sha256 for other files
-    try:
-        head = urllib.request.Request(url, method="HEAD")
-        with urllib.request.build_opener(NoRedirect).open(head, timeout=60) as r:
-            etag = r.headers.get("X-Linked-Etag", "")
-    except urllib.error.HTTPError as e:
-        if e.code == 404 and missing_ok:
-            return None
-        if not 300 <= e.code < 400:
-            raise OSError(f"cannot download {url} ({e}; no such repo or file, or a gated or "
-                          f"private repo); check the repo id, or {advice}") from None
-        etag = e.headers.get("X-Linked-Etag", "")
-    except (OSError, http.client.HTTPException) as e:
-        raise OSError(f"cannot reach {url} ({str(e).strip()}); {advice}") from None
+    tries = 0
+    again = True
+    while again:
+        tries += 1
+        try:
+            head = urllib.request.Request(url, method="HEAD")
+            opener = urllib.request.build_opener(NoRedirect)
+            with opener.open(head, timeout=DOWNLOAD_TIMEOUT) as r:
+                etag = r.headers.get("X-Linked-Etag", "")
+            break
+        except urllib.error.HTTPError as e:
+            if 300 <= e.code < 400:
+                etag = e.headers.get("X-Linked-Etag", "")
+                break
+            if e.code == 404 and missing_ok:
+                return None
+            if e.code < 500 and e.code not in (408, 429):
+                raise OSError(f"cannot download {url} ({e}; no such repo or file, or a gated or "
+                              f"private repo); check the repo id, or {advice}") from None
+            why, again = download_retry(e, tries, url)
+        except (OSError, http.client.HTTPException) as e:
+            why, again = download_retry(e, tries, url)
+    else:
+        # no break: every try failed
+        raise OSError(f"cannot reach {url} ({why}); {advice}")
     sha = re.fullmatch(r'(w/)?"?([0-9a-f]{64})"?', etag.lower())
     return download(url, paths[0], sha and sha[2], mirror="HF_ENDPOINT")
 
