@@ -585,14 +585,23 @@ def label_rows(model, old_K, init_classes):
 
 @torch.no_grad()
 def load_pretrained(model, state_dict, init_classes=None, config=None):
-    """Copy what fits of another DiT's weights into a new model -> a one-line report of it.
+    """
+    Fine-tuning: copy what fits of another DiT's weights into a freshly initialized model.
 
     What cannot fit keeps the model's own (DiT's) init: the label table for another class count
-    (its class i from the old row init_classes[i] if given; the old null row is copied, so that
-    guidance works), the patch embedding and final linear for other channels; pos_embed is the
-    fixed one of the model's grid. Another depth, width, head count, patch or block is an error.
-    config: the weights' DiT config if known (train.py checkpoints store it); without it the last
-    label row is the null class, as in the official checkpoints.
+    (the old null row is copied, so that guidance works), the patch embedding and final linear
+    for other channels; pos_embed is the fixed one of the model's grid.
+
+    :param model: a new DiT (as built, DiT's init); changed in place.
+    :param state_dict: the weights to start from, e.g. find_model(name_or_path).
+    :param init_classes: new class i starts from old class init_classes[i] (one per new class);
+                         None: the old rows for the same class count, else DiT's init.
+    :param config: the weights' DiT config if known (train.py checkpoints store it); without it
+                   the head count is a preset's and the last label row the null class, as in
+                   the official checkpoints.
+    :return: a one-line report: how many tensors were loaded, what was rebuilt and why.
+    :raises ValueError: (one line) for another depth, width, head count, patch size, MLP or block
+                        design (another model, not fine-tuning), non-DiT weights, bad init_classes.
     """
     sd = state_dict
     theirs = design(sd, config)
