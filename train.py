@@ -129,7 +129,9 @@ EXAMPLES = """examples:
   torchrun --nproc_per_node=8 train.py --model DiT-XL/2 --data-path /imagenet/train \\
       --fid-every 50000 --fid-ref VIRTUAL_imagenet256_labeled.npz
   python train.py --model DiT-S/2 --vae none --image-size 8 --num-classes 10 \\
-      --data-path digits --ema-decay 0.99 --max-steps 1500 --sample-every 500"""
+      --data-path digits --ema-decay 0.99 --max-steps 1500 --sample-every 500
+  torchrun --nproc_per_node=8 train.py --model DiT-XL/2 --data-path mine --num-classes 3 \\
+      --init-from DiT-XL-2-256x256.pt --init-classes 207 360 387 --precision bf16"""
 
 #################################################################################
 #                                 Training Loop                                 #
