@@ -335,7 +335,7 @@ def parse_args(argv=None):
 class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Help with the defaults shown (unless the text says them) and the examples as written."""
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in action.help:
+        if action.default is None or action.default is False or "default" in action.help:
             return action.help
         return super()._get_help_string(action)
 
