@@ -216,12 +216,13 @@ def evaluate(model, judge, args, scales):
 def train_and_evaluate(cfg, judge, args, eval_every, guidance=False):
     """Train one config (cached in --work), score each checkpoint; the run's result dict."""
     name = run_name(cfg)
-    folder = f"{args.work}/runs/{name}"
+    folder = f"{args.work}/runs/{name}" + (f"-seed{args.seed}" if args.seed else "")
     cached = f"{folder}/result.json"
     if os.path.exists(cached):
         with open(cached) as f:
             result = json.load(f)
-        if result["steps"] == args.steps and result["samples"] == args.samples:
+        same = (result["steps"], result["samples"], result.get("seed", 0))
+        if same == (args.steps, args.samples, args.seed):
             print(f"{name}: cached in {cached}", flush=True)
             return result
     print(f"{name}: training {args.steps} steps ({gflops(cfg):.4f} Gflops)", flush=True)
@@ -244,6 +245,7 @@ def train_and_evaluate(cfg, judge, args, eval_every, guidance=False):
             f"cfg {k[3:]}: FID {v['fid']:.2f}, readable {v['readable']:.1%}"
             for k, v in q.items()), flush=True)
     result = dict(config=cfg, gflops=gflops(cfg), steps=args.steps, samples=args.samples,
+                  seed=args.seed,
                   loss=[dict(step=m["step"], loss=m["loss"], mse=m["mse"]) for m in metrics],
                   quality=quality, train_s=train_s, steps_per_sec=args.steps / train_s)
     if guidance:
@@ -321,6 +323,7 @@ def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     for r in results["blocks"]:
         label = r["config"]["block"]
@@ -355,22 +358,34 @@ def plot(results, path):
                    xlabel="forward Gflops per image", ylabel="samples read as the asked digit",
                    xscale="log")
     if "guidance" in results:
-        full = [g for g in results["guidance"] if g["interval"] is None]
         ax = axes[1, 2]
-        ax.errorbar([g["cfg_scale"] for g in full], [g["fid"] for g in full],
-                    yerr=[g["fid_std"] for g in full], marker="o", capsize=3, color="C0",
-                    label="digit-FID")
-        ax.set(title="Guidance (default model)", xlabel="cfg scale", ylabel="digit-FID")
         ax2 = ax.twinx()
-        ax2.errorbar([g["cfg_scale"] for g in full], [g["readable"] for g in full],
-                     yerr=[g["readable_std"] for g in full], marker="s", capsize=3, color="C1",
-                     label="readable")
+        for interval, fill in ((False, None), (True, "none")):
+            rows = [g for g in results["guidance"] if (g["interval"] is not None) == interval]
+            where = " in t ({}, {}]".format(*rows[0]["interval"]) if interval else ""
+            x = [g["cfg_scale"] for g in rows]
+            ax.errorbar(x, [g["fid"] for g in rows], yerr=[g["fid_std"] for g in rows],
+                        marker="o", mfc=fill, capsize=3, color="C0", label="digit-FID" + where,
+                        linestyle=":" if interval else "-")
+            ax2.errorbar(x, [g["readable"] for g in rows], yerr=[g["readable_std"] for g in rows],
+                         marker="s", mfc=fill, capsize=3, color="C1", label="readable" + where,
+                         linestyle=":" if interval else "-")
+        steps = results["guidance_steps"]
+        ax.set(title=f"Guidance, default model at {steps} steps", xlabel="cfg scale",
+               ylabel="digit-FID")
         ax2.set_ylabel("readable share")
-        ax.legend(loc="upper left")
-        ax2.legend(loc="upper right")
+        ax.legend(loc="upper left", fontsize=8)
+        ax2.legend(loc="lower right", fontsize=8)
+        ax.grid(alpha=0.3)
     for ax in axes.flat[:5]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        # plain numbers on the log axes
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+    for ax in axes[1, :2]:
+        ax.set_xticks([0.005, 0.01, 0.02, 0.05, 0.1], ["0.005", "0.01", "0.02", "0.05", "0.1"])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     fig.suptitle("DiT on 8x8 digits: the paper's findings at laptop scale "
                  "(error bars: bootstrap std over samples)")
     fig.tight_layout()
@@ -417,6 +432,7 @@ def main():
     # the default model first: it is --quick, block design 1 and model 3, with the guidance sweep
     default = train_and_evaluate(DEFAULT, judge, args, args.eval_every, guidance=True)
     results["guidance"] = default["guidance"]
+    results["guidance_steps"] = args.steps
     results["blocks"] = [default]
     results["models"] = [default]
     # the two studies take turns, cheapest first, so that a cut-short run has some of both
@@ -428,9 +444,14 @@ def main():
         results[study].append(train_and_evaluate(cfg, judge, args, every))
     results["models"].sort(key=lambda r: r["gflops"])
     results["wall_s"] = time.time() - start
+    # the compute of every run, when they were trained and scored (cached runs included)
+    runs = {run_name(r["config"]): r for r in results["blocks"] + results["models"]}
+    results["train_s"] = sum(r["train_s"] for r in runs.values())
+    results["eval_s"] = sum(r["eval_s"] for r in runs.values())
     print_tables(results)
-    print(f"\ntotal {results['wall_s'] / 60:.1f} min")
-    out = f"{args.work}/quick" if args.quick else args.out
+    print(f"\ntraining {results['train_s'] / 60:.1f} min, scoring {results['eval_s'] / 60:.1f} "
+          f"min; this call {results['wall_s'] / 60:.1f} min")
+    out = f"{args.work}/quick-seed{args.seed}" if args.quick else args.out
     sample.atomic_write(out + ".json", lambda f: f.write(json.dumps(results, indent=1).encode()))
     if not args.quick:
         plot(results, out + ".png")
