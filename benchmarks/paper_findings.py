@@ -196,9 +196,11 @@ def generate(model, n, seed, cfg_scale=1.0, cfg_interval=None):
     loop = sample.sampling_loop("dpm++", 20)
     chunks = []
     for i in range(0, n, 250):
-        scale = None if cfg_scale == 1.0 and cfg_interval is None else cfg_scale
-        x = sample.sample(model, loop, z[i:i + 250], y[i:i + 250], cfg_scale=scale,
-                          cfg_interval=cfg_interval, clip_denoised=True)
+        guidance = dict(cfg_scale=cfg_scale, cfg_interval=cfg_interval)
+        if cfg_scale == 1.0 and cfg_interval is None:
+            guidance = None
+        x = sample.sample(model, loop, z[i:i + 250], y[i:i + 250], guidance=guidance,
+                          clip_denoised=True)
         # the grey digit: the mean of the 3 channels
         chunks.append(sample.to_uint8(x).float().mean(1).round().to(torch.uint8))
     return torch.cat(chunks).numpy(), y.numpy()
