@@ -1740,6 +1740,7 @@ def test_fid_load_inception_uses_the_cache(fid_weights_file, tmp_path, monkeypat
     assert isinstance(fid.load_inception(), fid.InceptionV3)
 
 
+@pytest.mark.slow
 def test_fid_load_inception_downloads_into_cache_dir(fid_inception, fid_weights_file, http_server,
                                                      tmp_path, monkeypatch):
     data = fid_weights_file.read_bytes()
@@ -1862,6 +1863,7 @@ def test_fid_save_stats_writes_through_one_temp_name(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["stats.npz"]
 
 
+@pytest.mark.slow
 def test_fid_cli_prints_evaluator_lines_and_saves_stats(fid_weights_file, tmp_path, monkeypatch,
                                                         capsys):
     np.savez(tmp_path / "ref.npz", fid_images(4, 16, 1).permute(0, 2, 3, 1).numpy())
@@ -1992,6 +1994,7 @@ def test_fid_cli_stats_only_reference_needs_two_images_not_four(tmp_path, monkey
     assert out == ""
 
 
+@pytest.mark.slow
 def test_fid_cli_error_in_a_real_process_is_one_line(tmp_path):
     r = run_script("fid.py", tmp_path / "ref.npz", tmp_path / "s.npz")
     assert r.returncode == 1 and r.stdout == ""
@@ -3085,6 +3088,7 @@ def test_vae_posterior_draw_and_mode():
     assert big.logvar.max() == 20.0
 
 
+@pytest.mark.slow
 def test_vae_cli_roundtrip_in_a_real_process(tmp_path):
     vae_folder(tmp_path / "v")
     Image.new("RGB", (21, 18), (200, 30, 90)).save(tmp_path / "img.png")
@@ -3148,6 +3152,7 @@ def test_vae_cli_bad_input_is_one_line(tmp_path, monkeypatch, capsys, image, vae
     assert not list(tmp_path.glob("*_vae.png"))
 
 
+@pytest.mark.slow
 def test_vae_cli_error_in_a_real_process_is_one_line(tmp_path):
     Image.new("RGB", (1, 1)).save(tmp_path / "tiny.png")
     vae_folder(tmp_path / "v")
